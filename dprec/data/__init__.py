@@ -1,0 +1,1 @@
+"""Datasets: the canonical folder contract, readers of real inputs, splits, the embedded default."""
