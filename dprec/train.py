@@ -83,6 +83,9 @@ class RunConfig:
     """Canonical dataset folder (written by python -m dprec.prepare)."""
     out: str = "runs/default"
     """Run folder: resolved config, best model state and metrics are written here."""
+    features: dict[str, str] = field(default_factory=dict)
+    """Item feature views: ``name: <shard folder>`` or ``name: <shard folder>#<modality>`` (the
+    modality defaults to the name), e.g. ``text: data_shards/default/llm``. Empty = IDs only."""
     model: dict[str, Any] = field(default_factory=lambda: {"name": "lightgcn"})
     """``name`` picks the model (see dprec.models.MODELS, default lightgcn); other keys are its hyper-parameters."""
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -101,7 +104,8 @@ class RunConfig:
         return from_dict(cfg_cls, params, f"model ({self.model['name']})")
 
     def as_dict(self) -> dict[str, Any]:
-        return {"dataset": self.dataset, "out": self.out, "model": dict(self.model), "train": to_dict(self.train)}
+        return {"dataset": self.dataset, "out": self.out, "features": dict(self.features), "model": dict(self.model),
+                "train": to_dict(self.train)}
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
@@ -155,6 +159,27 @@ class NegativeSampler:
         raise RuntimeError(f"negative sampling did not converge for {len(todo)} pairs")
 
 
+def load_features(specs: dict[str, str], ds: Dataset) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Read the configured feature views from their shards (manifest and dataset hash checked).
+
+    Returns ({view: (n_items x d) float32}, {folder: manifest}).
+    """
+    from dprec.features.shards import load_manifest, read_features
+
+    read: dict[str, dict[str, np.ndarray]] = {}
+    views: dict[str, np.ndarray] = {}
+    for name, spec in specs.items():
+        folder, _, modality = spec.partition("#")
+        modality = modality or name
+        if folder not in read:
+            read[folder] = read_features(folder, ds)
+        if modality not in read[folder] or read[folder][modality].ndim != 2:
+            have = sorted(k for k, v in read[folder].items() if getattr(v, "ndim", 0) == 2)
+            raise ConfigError(f"features.{name}: {folder} has no modality {modality!r} (it has {have})")
+        views[name] = read[folder][modality]
+    return views, {folder: load_manifest(folder) for folder in read}
+
+
 def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
@@ -196,12 +221,16 @@ class Trainer:
 
     rank = 0
     world = 1
+    device = torch.device("cpu")
 
     def __init__(self, cfg: RunConfig, ds: Dataset | None = None, features: dict[str, np.ndarray] | None = None):
         self.cfg = cfg
         if cfg.train.threads > 0:
             torch.set_num_threads(cfg.train.threads)
         self.ds = ds if ds is not None else load_dataset(cfg.dataset)
+        self.feature_manifests: dict[str, Any] = {}
+        if features is None and cfg.features:
+            features, self.feature_manifests = load_features(cfg.features, self.ds)
         set_seed(cfg.train.seed)
         self.train_users, self.train_items = self.ds.pairs(SPLIT_TRAIN)
         n_u, n_i = self.ds.n_users, self.ds.n_items
@@ -254,8 +283,8 @@ class Trainer:
             sl = slice(start, start + bs)
             global_n = len(users[sl])
             parts = np.array_split(np.arange(global_n), world)[rank]
-            u, p, n = users[sl][parts], pos[sl][parts], neg[sl][parts]
-            yield torch.from_numpy(u), torch.from_numpy(p), torch.from_numpy(n), world * len(parts) / global_n
+            u, p, n = (torch.from_numpy(a[sl][parts]).to(self.device) for a in (users, pos, neg))
+            yield u, p, n, world * len(parts) / global_n
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         self.model.train()
@@ -277,7 +306,8 @@ class Trainer:
             totals["loss"] = totals.get("loss", 0.0) + float(loss.detach())
             for k, v in parts.items():
                 totals[k] = totals.get(k, 0.0) + v
-        return {k: v / max(steps, 1) for k, v in totals.items()}
+        # Share-scaled rank losses average to the global batch loss.
+        return {k: v / max(steps, 1) / self.world for k, v in self.reduce_sums(totals).items()}
 
     def evaluate(self, split: str, users: np.ndarray | None = None, chunk_size: int | None = None) -> dict[str, float]:
         """Metric sums (with ``n_users``) over this rank's share of ``users`` (default: all with truth),
@@ -287,7 +317,7 @@ class Trainer:
         if users is None:
             users = self.truth[split].users_with_items()
         sums = evaluate_ranking(
-            self.model.full_sort_predict,
+            lambda u: self.model.full_sort_predict(u.to(self.device)),
             self.truth[split],
             self.train_sets,
             ks=self.cfg.train.ks,

@@ -43,6 +43,18 @@ class Recommender(nn.Module, ABC):
     def calculate_loss(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         raise TypeError(f"{type(self).__name__} has no training loss (trainable = False)")
 
+    def to_device(self, device: torch.device) -> Recommender:
+        """Move parameters, buffers and the graphs the model holds (which are not modules)."""
+        from dprec.graph import PropagationGraph
+
+        self.to(device)
+        for name, value in list(vars(self).items()):
+            if isinstance(value, PropagationGraph):
+                setattr(self, name, value.to(device))
+            elif isinstance(value, dict) and any(isinstance(v, PropagationGraph) for v in value.values()):
+                setattr(self, name, {k: v.to(device) if isinstance(v, PropagationGraph) else v for k, v in value.items()})
+        return self
+
     @abstractmethod
     def final_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(n_users x d, n_items x d) embeddings; score(u, i) = <user[u], item[i]>."""
