@@ -63,7 +63,7 @@ class DeepSpeedTrainer(Trainer):
     """The Trainer with DeepSpeed's engine as optimiser and torch.distributed for evaluation sums."""
 
     def __init__(self, cfg: RunConfig, ds_config: dict[str, Any], out: str | Path, save_every: int = 5,
-                 ds: Dataset | None = None, features: dict[str, np.ndarray] | None = None, tracker=None):
+                 ds: Dataset | None = None, features: dict[str, np.ndarray] | None = None):
         import deepspeed
         import torch.distributed as dist
         from deepspeed.accelerator import get_accelerator
@@ -79,7 +79,7 @@ class DeepSpeedTrainer(Trainer):
         self.out = Path(out)
         self.checkpoint_dir = self.out / CHECKPOINT_DIR
         self.save_every = save_every
-        self.tracker = tracker
+        self.resumed_run_id: str | None = None
         super().__init__(cfg, ds, features)
 
     def make_optimizer(self):
@@ -110,9 +110,8 @@ class DeepSpeedTrainer(Trainer):
                 "tracking_run_id": getattr(self.tracker, "run_id", None)}
 
     def on_epoch_end(self, state: FitState, improved: bool) -> None:
+        super().on_epoch_end(state, improved)
         epoch = state.next_epoch - 1
-        if self.tracker is not None:
-            self.tracker.log_epoch(state.history[-1], step=epoch)
         if improved:
             self.engine.save_checkpoint(str(self.checkpoint_dir), tag="best",
                                         client_state=self.client_state(state), save_latest=False)

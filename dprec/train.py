@@ -222,6 +222,8 @@ class Trainer:
     rank = 0
     world = 1
     device = torch.device("cpu")
+    tracker = None
+    """A ``dprec.tracking.RunTracker`` (or None): per-epoch rows are logged to it."""
 
     def __init__(self, cfg: RunConfig, ds: Dataset | None = None, features: dict[str, np.ndarray] | None = None):
         self.cfg = cfg
@@ -262,6 +264,8 @@ class Trainer:
 
     def on_epoch_end(self, state: FitState, improved: bool) -> None:
         """Called after every epoch (after validation, if any)."""
+        if self.tracker is not None:
+            self.tracker.log_epoch(state.history[-1], step=state.next_epoch - 1)
 
     def log(self, line: str) -> None:
         print(line, flush=True)
@@ -391,16 +395,47 @@ def _finalizing(evaluate):
     return lambda split, **kw: finalize(evaluate(split, **kw))
 
 
+def tracked_fit(trainer: Trainer, state: FitState | None = None, resume_run_id: str | None = None,
+                register: bool = True, deepspeed_config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``fit`` inside an MLflow run (rank 0 writes): config, curves, test metrics, model registration.
+
+    Returns the fit result with ``tracking_run_id`` and, when registered, ``registration``
+    (name, version, alias, champion, model_uri).
+    """
+    from dprec.tracking import RunTracker
+
+    tracker = RunTracker(enabled=trainer.rank == 0)
+    trainer.tracker = tracker
+    tracker.start(trainer.cfg.as_dict(), run_name=trainer.cfg.model["name"], experiment=f"dprec-{trainer.ds.name}",
+                  resume_run_id=resume_run_id, deepspeed_config=deepspeed_config,
+                  feature_manifest=trainer.feature_manifests or None)
+    try:
+        result = trainer.fit(state=state)
+        tracker.log_test(result["test"], result["best_epoch"], valid=result["valid"])
+        registration = tracker.register(trainer, result) if register else None
+    except BaseException:
+        tracker.finish(state.history if state else [], status="FAILED")
+        raise
+    tracker.finish(result["history"])
+    result["tracking_run_id"] = tracker.run_id
+    if registration is not None:
+        result["registration"] = {k: getattr(registration, k) for k in ("name", "version", "alias", "champion",
+                                                                         "model_uri")}
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dprec.train", description=__doc__.split("\n")[0])
     parser.add_argument("--config", type=Path, help="YAML run config (dataset, out, model, train)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys, e.g. train.epochs=5")
+    parser.add_argument("--no-register", action="store_true", help="track the run but do not register the model")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.set)
     trainer = Trainer(cfg)
-    result = trainer.fit()
+    result = tracked_fit(trainer, register=not args.no_register)
     out = save_run(trainer, result, cfg.out)
-    print(json.dumps({"run": str(out), "best_epoch": result["best_epoch"], "test": result["test"]}))
+    print(json.dumps({"run": str(out), "best_epoch": result["best_epoch"], "test": result["test"],
+                      "registration": result.get("registration")}))
     return 0
 
 

@@ -10,6 +10,10 @@ Cluster (hostfile lists the nodes and their slots; see cluster/)::
     deepspeed --hostfile cluster/hostfile --num_nodes 2 --num_gpus 8 launchers/train.py \\
         --config <run.yaml> --deepspeed_config launchers/zero2.json
 
+Runs are tracked in MLflow (``MLFLOW_TRACKING_URI``, default ``sqlite:///mlflow.db`` in the working
+folder) and the model is registered as ``dprec-<dataset>`` (``@champion`` when its validation
+Recall@20 beats the current champion's, else ``@challenger``).
+
 Resume after an interruption (same MLflow run, same final metrics)::
 
     deepspeed ... launchers/train.py --config <run.yaml> --deepspeed_config ... --resume
@@ -31,7 +35,7 @@ import deepspeed
 
 from dprec.config import load_yaml
 from dprec.distributed import DeepSpeedTrainer
-from dprec.train import load_config, save_run
+from dprec.train import load_config, save_run, tracked_fit
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,6 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override run config keys")
     parser.add_argument("--save-every", type=int, default=5, help="checkpoint every N epochs")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in <out>")
+    parser.add_argument("--no-register", action="store_true", help="track the run but do not register the model")
     parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     parser = deepspeed.add_config_arguments(parser)
     return parser.parse_args(argv)
@@ -53,11 +58,13 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, args.set)
     trainer = DeepSpeedTrainer(cfg, load_yaml(args.deepspeed_config), cfg.out, save_every=args.save_every)
     state = trainer.resume() if args.resume else None
-    result = trainer.fit(state=state)
+    result = tracked_fit(trainer, state, resume_run_id=trainer.resumed_run_id, register=not args.no_register,
+                         deepspeed_config=trainer.ds_config)
     if trainer.rank == 0:
         save_run(trainer, result, cfg.out)
         print(json.dumps({"run": cfg.out, "world": trainer.world, "best_epoch": result["best_epoch"],
-                          "test": result["test"]}), flush=True)
+                          "test": result["test"], "tracking_run_id": result["tracking_run_id"],
+                          "registration": result.get("registration")}), flush=True)
     return 0
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
+from mlflow.tracking import MlflowClient
 
 from dprec.config import ConfigError
 from dprec.data.dataset import save_dataset
@@ -36,8 +37,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def env() -> dict[str, str]:
-    return {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+def env(out: Path) -> dict[str, str]:
+    """Each run tracks into an MLflow store beside its output folder, never into the repository."""
+    return {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+            "MLFLOW_TRACKING_URI": tracking_uri(out)}
+
+
+def tracking_uri(out: Path) -> str:
+    return f"sqlite:///{out.parent / 'mlflow.db'}"
 
 
 def launch(config: Path, out: Path, procs: int = 1, extra: list[str] | None = None, node: tuple[int, Path] | None = None,
@@ -50,7 +57,7 @@ def launch(config: Path, out: Path, procs: int = 1, extra: list[str] | None = No
         cmd += ["--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(rank), "--num_nodes", "2", "--num_gpus", "1"]
     cmd += [str(ROOT / "launchers" / "train.py"), "--config", str(config), "--deepspeed_config",
             str(ROOT / "launchers" / "zero1.json"), "--set", f"out={out}", *(extra or [])]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    return subprocess.Popen(cmd, cwd=ROOT, env=env(out), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             **popen)
 
 
@@ -60,9 +67,12 @@ def finish(proc: subprocess.Popen, timeout: int = 400) -> str:
     return out
 
 
+def summary(output: str) -> dict:
+    return json.loads([ln for ln in output.splitlines() if ln.startswith('{"run"')][-1])
+
+
 def test_metrics(output: str) -> dict[str, float]:
-    line = [ln for ln in output.splitlines() if ln.startswith('{"run"')][-1]
-    return json.loads(line)["test"]
+    return summary(output)["test"]
 
 
 test_metrics.__test__ = False  # a helper, not a test
@@ -163,3 +173,10 @@ def test_killed_rank_fails_the_launcher_and_resume_matches(run_config, two_proce
     resumed = finish(launch(run_config, out, procs=2, extra=["--save-every", "1", "--resume"]))
     assert "resumed from" in resumed
     assert_same(test_metrics(resumed), two_process_run[1])
+    # the resumed run continued the same MLflow run, which is now finished and registered
+    runs = MlflowClient(tracking_uri(out)).search_runs(
+        [e.experiment_id for e in MlflowClient(tracking_uri(out)).search_experiments()])
+    assert [r.info.run_id for r in runs] == [summary(resumed)["tracking_run_id"]]
+    assert runs[0].info.status == "FINISHED"
+    assert runs[0].data.metrics["test_recall_at_20"] == pytest.approx(test_metrics(resumed)["recall@20"])
+    assert summary(resumed)["registration"]["alias"] == "champion"

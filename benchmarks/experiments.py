@@ -1,0 +1,110 @@
+"""Experiment grids: models x hyper-parameters x seeds, selected on validation, reported on test.
+
+    python benchmarks/experiments.py --grid benchmarks/grids/ml100k.yaml [--seeds 1 2 3] [--only dprec lightgcn]
+
+A grid file names datasets (a prepared dataset folder and its feature views) and models (a
+``model:`` section, optionally with ``search:`` lists of hyper-parameter values). For every
+dataset and model:
+
+1. each point of the search space is trained with the first seed; the point with the best
+   validation Recall@20 is kept (the test split is not looked at);
+2. the kept point is trained with every seed; each run reads its test split once, at its best
+   validation epoch;
+3. the table shows test R@10 / R@20 / N@10 / N@20 as mean ± std over seeds.
+
+Tables are printed as markdown and written beside the grid's output folder (``results.md``,
+``results.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dprec.config import from_dict, load_yaml
+from dprec.data.dataset import load_dataset
+from dprec.train import RunConfig, Trainer, load_features, merge
+
+METRICS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
+
+
+def search_points(search: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    keys = sorted(search)
+    return [dict(zip(keys, values, strict=True)) for values in itertools.product(*(search[k] for k in keys))] or [{}]
+
+
+def train_once(dataset: str, features: dict[str, np.ndarray], model: dict, train: dict, seed: int, ds) -> dict:
+    cfg = from_dict(RunConfig, {"dataset": dataset, "model": model, "train": {**train, "seed": seed}}, "experiment")
+    t0 = time.perf_counter()
+    result = Trainer(cfg, ds, features=features).fit(log=lambda line: None)
+    return {"valid": result["valid"], "test": result["test"], "best_epoch": result["best_epoch"],
+            "seconds": time.perf_counter() - t0}
+
+
+def run_model(name: str, spec: dict, data: dict, train: dict, seeds: list[int], ds, features) -> dict:
+    model = {k: v for k, v in spec.items() if k != "search"}
+    views = model.pop("views_from", None)
+    feats = {k: v for k, v in features.items() if views is None or k in views}
+    trials = []
+    for point in search_points(spec.get("search", {})):
+        r = train_once(data["dataset"], feats, {**model, **point}, train, seeds[0], ds)
+        trials.append((r["valid"]["recall@20"], point))
+        print(f"    {name} {point or '(defaults)'}: valid R@20 {r['valid']['recall@20']:.4f}", flush=True)
+    best_point = max(trials, key=lambda t: t[0])[1]
+    runs = [train_once(data["dataset"], feats, {**model, **best_point}, train, s, ds) for s in seeds]
+    test = {m: [r["test"][m] for r in runs] for m in METRICS}
+    summary = {m: (float(np.mean(v)), float(np.std(v))) for m, v in test.items()}
+    print(f"  {name}: " + "  ".join(f"{m} {mu:.4f}±{sd:.4f}" for m, (mu, sd) in summary.items()), flush=True)
+    return {"model": name, "selected": best_point, "summary": summary, "runs": runs}
+
+
+def table(dataset: str, rows: list[dict]) -> str:
+    lines = [f"\n**{dataset}** (test, mean ± std over seeds; hyper-parameters selected on validation)\n",
+             "| model | R@10 | R@20 | N@10 | N@20 | selected |", "|---|---|---|---|---|---|"]
+    for row in rows:
+        cells = " | ".join(f"{mu:.4f} ± {sd:.4f}" for mu, sd in (row["summary"][m] for m in METRICS))
+        lines.append(f"| {row['model']} | {cells} | {json.dumps(row['selected']) if row['selected'] else ''} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--grid", type=Path, required=True)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--only", nargs="*", help="model names to run (default: all in the grid)")
+    parser.add_argument("--datasets", nargs="*", help="dataset names to run (default: all in the grid)")
+    parser.add_argument("--out", type=Path, default=Path("runs/experiments"))
+    args = parser.parse_args(argv)
+    grid = load_yaml(args.grid)
+    train = grid.get("train", {})
+    results: dict[str, list[dict]] = {}
+    for dname, data in grid["datasets"].items():
+        if args.datasets and dname not in args.datasets:
+            continue
+        ds = load_dataset(data["dataset"])
+        features, _ = load_features(data.get("features", {}), ds) if data.get("features") else ({}, {})
+        print(f"== {dname}: {ds.n_users} users, {ds.n_items} items, views {sorted(features)}", flush=True)
+        rows = []
+        for mname, spec in grid["models"].items():
+            if args.only and mname not in args.only:
+                continue
+            rows.append(run_model(mname, merge(spec, data.get("model_overrides", {}).get(mname, {})),
+                                  data, train, args.seeds, ds, features))
+        results[dname] = rows
+    text = "".join(table(d, rows) for d, rows in results.items())
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.grid.stem
+    (args.out / f"{stem}.md").write_text(text + "\n")
+    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,525 @@
+"""The extraction pipeline: dataset items -> per-shard work units -> model actors -> shards on the driver.
+
+Determinism. The unit of work is one shard (items ``s * items_per_shard`` onwards, a pure
+function of the item index). A shard travels as one row through the text stage and the image
+stage; inside a stage its items are batched by a rule that depends only on the shard's
+contents (text: sorted by token length, ties by item index; images: item order; fixed batch
+sizes). So whichever actor, node or retry computes a shard, it meets the same batches, and
+with the same torch thread count the same bits come out. The driver writes every shard
+(``FeatureSetWriter``), so shards land in one folder whatever the cluster size.
+
+Failures. A per-item failure (no text, undecodable image, a model error on one item) gives a
+zero vector, a flag in the item's ``meta.json`` and a count by kind; it never fails the run.
+An actor that dies is restarted by Ray and its shard retried (``max_restarts``,
+``max_task_retries``). A driver that dies leaves complete shards and a manifest listing them;
+the rerun computes the rest.
+
+Executors: ``ray`` (Ray Data ``map_batches`` with callable-class actor pools) and ``local``
+(the same stage classes called in this process, no Ray), which give byte-identical shards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from dprec.features.image import ImageConfig, ImageEncoder, ResolvedImageModel, load_image, resolve_image_model
+from dprec.features.shards import FeatureSetWriter, ShardError, atomic_write, sha256_file, shard_ranges
+from dprec.features.text import TEXT_FIELDS, ResolvedTextModel, TextConfig, TextEncoder, clean_field, resolve_text_model
+
+ITEM_COLUMNS = ("item_idx", "item_id")
+IMAGE_COLUMNS = ("image_bytes", "image_path", "image_url")
+MAX_LOGGED_FAILURES = 5
+
+
+class ExtractError(RuntimeError):
+    """The run cannot proceed as configured (resources, inputs); the message says what to change."""
+
+
+@dataclass
+class ExtractConfig:
+    """One extraction run. Saved as ``extract_config.json`` beside the shards."""
+
+    dataset: str
+    """Canonical dataset folder (``python -m dprec.prepare``)."""
+    out: str
+    """Feature folder, e.g. ``data_shards/<dataset>/<feature-set>``."""
+    text: TextConfig | None = field(default_factory=TextConfig)
+    """None: no text modality."""
+    image: ImageConfig | None = field(default_factory=ImageConfig)
+    """None: no image modality."""
+    items_per_shard: int = 256
+    store_dtype: str = "float32"
+    """``float32`` or ``float16`` for the vectors in the shards."""
+    executor: str = "ray"
+    """``ray`` (Ray Data actors) or ``local`` (this process, no Ray)."""
+    address: str | None = None
+    """Ray address; default RAY_ADDRESS, else a new local Ray instance."""
+    include_dashboard: bool = False
+    """Start the dashboard with the local Ray instance (bound to 127.0.0.1)."""
+    text_actors: int = 1
+    image_actors: int = 1
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float | None = None
+    """None: share the cluster's GPUs among the actors (at most 1 each), 0 on a CPU cluster."""
+    torch_threads: int | None = None
+    """Threads per actor (or for the local executor); default max(1, int(cpus_per_actor))."""
+    max_restarts: int = 3
+    max_task_retries: int = 3
+    spread: bool = True
+    """Spread actors over nodes (Ray's SPREAD scheduling)."""
+    overwrite: bool = False
+    """Replace a feature folder written with another configuration."""
+
+    def __post_init__(self) -> None:
+        if self.text is None and self.image is None:
+            raise ValueError("nothing to extract: both the text and the image model are 'none'")
+        if self.items_per_shard < 1:
+            raise ValueError("items_per_shard must be >= 1")
+        if self.store_dtype not in ("float32", "float16"):
+            raise ValueError(f"store_dtype must be float32 or float16, got {self.store_dtype!r}")
+        if self.executor not in ("ray", "local"):
+            raise ValueError(f"executor must be ray or local, got {self.executor!r}")
+        if self.text_actors < 1 or self.image_actors < 1 or self.cpus_per_actor <= 0:
+            raise ValueError("text_actors and image_actors must be >= 1 and cpus_per_actor > 0")
+        if self.gpus_per_actor is not None and self.gpus_per_actor < 0:
+            raise ValueError("gpus_per_actor must be >= 0")
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise ValueError("torch_threads must be >= 1")
+
+    @property
+    def threads(self) -> int:
+        return self.torch_threads or max(1, int(self.cpus_per_actor))
+
+
+def log(message: str) -> None:
+    print(f"[extract] {message}", flush=True)
+
+
+def _set_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
+
+
+def build_work_units(dataset: Any, shards: list[int], items_per_shard: int, max_chars: int | None) -> list[pa.Table]:
+    """One single-row Arrow table per shard to compute: the shard's items as list columns.
+
+    Text fields arrive cleaned (str, capped at ``max_chars``) with their flags; image paths are
+    resolved against the dataset folder (kept relative when the folder was given relative, so
+    that they resolve in a Ray job's working directory on every node). ``max_chars=None``: no
+    text modality, text fields are not shipped.
+    """
+    items = dataset.items
+    ranges = shard_ranges(len(items), items_per_shard)
+    units = []
+    for shard in shards:
+        first, stop = ranges[shard]
+        part = items.iloc[first:stop]
+        fields: dict[str, list[str]] = {k: [] for k in TEXT_FIELDS}
+        flags: list[list[str]] = []
+        for row in part.itertuples(index=False):
+            item_flags: list[str] = []
+            for k in TEXT_FIELDS:
+                value, f = clean_field(getattr(row, k), max_chars) if max_chars else ("", [])
+                fields[k].append(value)
+                item_flags += f
+            flags.append(item_flags)
+        paths = [str(dataset.image_file(i)) if dataset.image_file(i) else "" for i in range(first, stop)]
+        columns = {
+            "shard": pa.array([shard], pa.int64()),
+            "item_idx": pa.array([part["item_idx"].tolist()], pa.list_(pa.int64())),
+            "item_id": pa.array([part["item_id"].astype(str).tolist()], pa.list_(pa.string())),
+            **{k: pa.array([v], pa.list_(pa.string())) for k, v in fields.items()},
+            "prep_flags": pa.array([json.dumps(flags)], pa.string()),
+            "image_bytes": pa.array([[bytes(b) if b else b"" for b in part["image_bytes"]]], pa.list_(pa.binary())),
+            "image_path": pa.array([paths], pa.list_(pa.string())),
+            "image_url": pa.array([part["image_url"].fillna("").astype(str).tolist()], pa.list_(pa.string())),
+        }
+        units.append(pa.table(columns))
+    return units
+
+
+def _node_id() -> str:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 - outside Ray there is no node
+        pass
+    return "local"
+
+
+class TextStage:
+    """Ray Data callable class: loads the text model once; each call embeds whole shards."""
+
+    def __init__(self, resolved: ResolvedTextModel, batch_size: int, threads: int):
+        _set_threads(threads)
+        t0 = time.perf_counter()
+        self.encoder = TextEncoder(resolved, batch_size)
+        print(f"[text] loaded {resolved.name} ({resolved.device}, {resolved.dtype}) in {time.perf_counter() - t0:.1f}s",
+              flush=True)
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        out: dict[str, list] = {"text_vectors": [], "text_dim": [], "text_flags": [], "text_node": []}
+        for row in table.to_pylist():
+            t0 = time.perf_counter()
+            items = [{k: row[k][i] for k in TEXT_FIELDS} for i in range(len(row["item_idx"]))]
+            vectors, flags = self.encoder.encode_items(items)
+            out["text_vectors"].append(vectors.astype(np.float32).tobytes())
+            out["text_dim"].append(vectors.shape[1])
+            out["text_flags"].append(json.dumps(flags))
+            out["text_node"].append(_node_id())
+            bad = sum(1 for f in flags if f)
+            print(f"[text] shard {row['shard']}: {len(items)} items, {bad} flagged, {time.perf_counter() - t0:.2f}s",
+                  flush=True)
+        table = table.drop_columns(list(TEXT_FIELDS))
+        for name, values in out.items():
+            table = table.append_column(name, pa.array(values, pa.binary() if name == "text_vectors" else None))
+        return table
+
+
+class ImageStage:
+    """Ray Data callable class: loads the image model once; each call embeds whole shards."""
+
+    def __init__(self, resolved: ResolvedImageModel, batch_size: int, threads: int, fetch_urls: bool, url_timeout: float):
+        _set_threads(threads)
+        t0 = time.perf_counter()
+        self.encoder = ImageEncoder(resolved, batch_size)
+        self.fetch_urls, self.url_timeout = fetch_urls, url_timeout
+        print(f"[image] loaded {resolved.name} ({resolved.device}) in {time.perf_counter() - t0:.1f}s", flush=True)
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        out: dict[str, list] = {"image_vectors": [], "image_dim": [], "image_flags": [], "image_node": []}
+        for row in table.to_pylist():
+            t0 = time.perf_counter()
+            n = len(row["item_idx"])
+            flags: list[list[str]] = [[] for _ in range(n)]
+            images, rows = [], []
+            for i in range(n):
+                img, kind, message = load_image(
+                    row["image_bytes"][i], row["image_path"][i], row["image_url"][i], self.fetch_urls, self.url_timeout
+                )
+                if img is None:
+                    flags[i].append(kind)
+                    if sum(1 for f in flags if f) <= MAX_LOGGED_FAILURES and kind != "image_none":
+                        print(f"[image] item {row['item_idx'][i]}: {message}; marked image_missing", flush=True)
+                else:
+                    images.append(img)
+                    rows.append(i)
+            vectors = np.zeros((n, self.encoder.dim), np.float32)
+            if images:
+                encoded, errors = self.encoder.encode(images)
+                vectors[rows] = encoded
+                for i, err in zip(rows, errors, strict=True):
+                    if err is not None:
+                        flags[i].append("image_error")
+                        print(f"[image] item {row['item_idx'][i]}: model failed ({err}); marked image_missing", flush=True)
+            out["image_vectors"].append(vectors.tobytes())
+            out["image_dim"].append(self.encoder.dim)
+            out["image_flags"].append(json.dumps(flags))
+            out["image_node"].append(_node_id())
+            print(f"[image] shard {row['shard']}: {n} items, {n - len(images)} missing, "
+                  f"{time.perf_counter() - t0:.2f}s", flush=True)
+        table = table.drop_columns(list(IMAGE_COLUMNS))
+        for name, values in out.items():
+            table = table.append_column(name, pa.array(values, pa.binary() if name == "image_vectors" else None))
+        return table
+
+
+@dataclass
+class RunSummary:
+    items: int
+    shards_total: int
+    shards_written: int
+    shards_skipped: int
+    items_computed: int
+    failures: dict[str, int]
+    seconds: float
+    items_per_second: float
+    nodes: int
+    out: str
+
+    def line(self) -> str:
+        return json.dumps({"event": "extract_summary", **asdict(self)}, sort_keys=True)
+
+
+class _Collector:
+    """Turns finished work-unit rows into shards through the writer, with progress lines."""
+
+    def __init__(self, writer: FeatureSetWriter, modalities: list[str], total_items: int,
+                 on_shard: Callable[[dict[str, Any]], None] | None):
+        self.writer, self.modalities, self.on_shard = writer, modalities, on_shard
+        self.total_items = total_items
+        self.items = self.shards = 0
+        self.nodes: set[str] = set()
+        self.t0 = time.perf_counter()
+
+    def add_table(self, table: pa.Table) -> None:
+        for row in table.to_pylist():
+            n = len(row["item_idx"])
+            flags = json.loads(row["prep_flags"])
+            vectors = {}
+            for m in self.modalities:
+                vectors[m] = np.frombuffer(row[f"{m}_vectors"], np.float32).reshape(n, row[f"{m}_dim"])
+                for i, f in enumerate(json.loads(row[f"{m}_flags"])):
+                    flags[i] += f
+                self.nodes.add(row[f"{m}_node"])
+            entry = self.writer.add(row["shard"], row["item_id"], vectors, flags)
+            self.items += n
+            self.shards += 1
+            rate = self.items / max(time.perf_counter() - self.t0, 1e-9)
+            missing = ", ".join(f"{m} missing {entry['missing'][m]}" for m in self.modalities)
+            log(f"wrote {entry['name']} ({n} items, {missing}); {self.shards} shards / {self.items} of "
+                f"{self.total_items} items this run, {rate:.1f} items/s")
+            if self.on_shard is not None:
+                self.on_shard(entry)
+
+
+def _load_dataset(folder: str):
+    from dprec.data.dataset import load_dataset
+
+    return load_dataset(folder)
+
+
+def _spec(dataset: Any, cfg: ExtractConfig, text: ResolvedTextModel | None, image: ResolvedImageModel | None):
+    """(spec: what decides the numbers, provenance: where things were loaded from and how they ran)."""
+    modalities: dict[str, Any] = {}
+    provenance: dict[str, Any] = {"executor": cfg.executor, "torch_threads": cfg.threads}
+    if text is not None:
+        d = text.describe()
+        provenance["text"] = {"load_path": d.pop("load_path"), "device": d.pop("device"), "batch_size": cfg.text.batch_size}
+        d.pop("extra")
+        modalities["text"] = d | {"max_chars": cfg.text.max_chars}
+    if image is not None:
+        d = image.describe()
+        provenance["image"] = {"load_path": d.pop("load_path"), "device": d.pop("device"),
+                               "batch_size": cfg.image.batch_size}
+        d.pop("extra")
+        modalities["image"] = d
+    spec = {
+        "dataset": {"name": dataset.name, "content_hash": dataset.meta["content_hash"], "n_items": dataset.n_items},
+        "items_per_shard": cfg.items_per_shard,
+        "store_dtype": cfg.store_dtype,
+        "modalities": modalities,
+    }
+    return spec, provenance
+
+
+def _init_ray(cfg: ExtractConfig) -> bool:
+    """Connect to RAY_ADDRESS / ``cfg.address``, or start a local instance on 127.0.0.1; True when we started it."""
+    import ray
+    from ray._private import ray_constants
+
+    if ray.is_initialized():
+        return False
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        log(f"connecting to Ray at {address}")
+        ray.init(address=address)
+        return False
+    log("no RAY_ADDRESS: starting a local Ray instance on 127.0.0.1")
+    # On Linux Ray swaps 127.0.0.1 for the machine's outward address and then binds its servers to
+    # all interfaces; this switch (read at import, and inherited by Ray's processes) keeps them on loopback.
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    ray.init(address="local", include_dashboard=cfg.include_dashboard, _node_ip_address="127.0.0.1")
+    return True
+
+
+def _gpus_per_actor(cfg: ExtractConfig, cluster_gpus: float, n_actors: int) -> float:
+    if cfg.gpus_per_actor is None:
+        return min(1.0, cluster_gpus / n_actors) if cluster_gpus > 0 else 0.0
+    if cfg.gpus_per_actor > 0 and cfg.gpus_per_actor * n_actors > cluster_gpus:
+        raise ExtractError(
+            f"{n_actors} actors x {cfg.gpus_per_actor} GPUs need {cfg.gpus_per_actor * n_actors} GPUs, the Ray cluster "
+            f"has {cluster_gpus:g}; lower --gpus-per-actor (0 runs on CPU) or the actor counts"
+        )
+    return cfg.gpus_per_actor
+
+
+def _run_ray(cfg: ExtractConfig, units: list[pa.Table], text: ResolvedTextModel | None,
+             image: ResolvedImageModel | None, collector: _Collector) -> None:
+    import ray
+
+    resources = ray.cluster_resources()
+    n_actors = (cfg.text_actors if text else 0) + (cfg.image_actors if image else 0)
+    cpus = resources.get("CPU", 0.0)
+    if n_actors * cfg.cpus_per_actor > cpus:
+        raise ExtractError(
+            f"{n_actors} actors x {cfg.cpus_per_actor} CPUs need {n_actors * cfg.cpus_per_actor:g} CPUs, the Ray "
+            f"cluster has {cpus:g}; lower --cpus-per-actor or the actor counts"
+        )
+    gpus = _gpus_per_actor(cfg, resources.get("GPU", 0.0), n_actors)
+    log(f"Ray cluster: {cpus:g} CPUs, {resources.get('GPU', 0.0):g} GPUs; {n_actors} actors with "
+        f"{cfg.cpus_per_actor:g} CPUs, {gpus:g} GPUs, {cfg.threads} torch threads each")
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    common: dict[str, Any] = dict(
+        batch_size=1, batch_format="pyarrow", num_cpus=cfg.cpus_per_actor, num_gpus=gpus,
+        max_restarts=cfg.max_restarts, max_task_retries=cfg.max_task_retries,
+    )
+    if cfg.spread:
+        common["scheduling_strategy"] = "SPREAD"
+    ds = ray.data.from_arrow(units)
+    with warnings.catch_warnings():
+        # max_restarts / max_task_retries / scheduling_strategy have no named map_batches parameter in Ray 2.60
+        warnings.simplefilter("ignore", DeprecationWarning)
+        if text is not None:
+            ds = ds.map_batches(
+                TextStage, compute=ray.data.ActorPoolStrategy(size=cfg.text_actors),
+                fn_constructor_kwargs=dict(resolved=text, batch_size=cfg.text.batch_size, threads=cfg.threads),
+                **common,
+            )
+        if image is not None:
+            ds = ds.map_batches(
+                ImageStage, compute=ray.data.ActorPoolStrategy(size=cfg.image_actors),
+                fn_constructor_kwargs=dict(resolved=image, batch_size=cfg.image.batch_size, threads=cfg.threads,
+                                           fetch_urls=cfg.image.fetch_urls, url_timeout=cfg.image.url_timeout),
+                **common,
+            )
+    for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        collector.add_table(table)
+
+
+def _run_local(cfg: ExtractConfig, units: list[pa.Table], text: ResolvedTextModel | None,
+               image: ResolvedImageModel | None, collector: _Collector) -> None:
+    stages: list[Callable[[pa.Table], pa.Table]] = []
+    if text is not None:
+        stages.append(TextStage(text, cfg.text.batch_size, cfg.threads))
+    if image is not None:
+        stages.append(ImageStage(image, cfg.image.batch_size, cfg.threads, cfg.image.fetch_urls, cfg.image.url_timeout))
+    for unit in units:
+        for stage in stages:
+            unit = stage(unit)
+        collector.add_table(unit)
+
+
+def config_dict(cfg: ExtractConfig) -> dict[str, Any]:
+    return asdict(cfg)
+
+
+def run_extract(cfg: ExtractConfig, on_shard: Callable[[dict[str, Any]], None] | None = None,
+                dataset: Any = None) -> RunSummary:
+    """Extract features of ``cfg.dataset`` into ``cfg.out``; resumes a compatible folder. Returns the summary.
+
+    ``on_shard`` is called with each new manifest entry as its shard lands. ``dataset`` (an
+    in-memory :class:`~dprec.data.dataset.Dataset`) replaces loading ``cfg.dataset``.
+    """
+    t0 = time.perf_counter()
+    dataset = dataset if dataset is not None else _load_dataset(cfg.dataset)
+    started_ray = False
+    try:
+        if cfg.executor == "ray":
+            started_ray = _init_ray(cfg)
+            import ray
+
+            device = "cuda" if _gpus_per_actor(cfg, ray.cluster_resources().get("GPU", 0.0), 1) > 0 else "cpu"
+        else:
+            device = None
+        text = resolve_text_model(cfg.text, device) if cfg.text else None
+        image = resolve_image_model(cfg.image, device) if cfg.image else None
+        spec, provenance = _spec(dataset, cfg, text, image)
+        writer = FeatureSetWriter(cfg.out, spec, provenance, overwrite=cfg.overwrite)
+        atomic_write(Path(cfg.out) / "extract_config.json",
+                     (json.dumps(config_dict(cfg), indent=2, sort_keys=True) + "\n").encode())
+        pending = writer.pending()
+        log(f"dataset {dataset.name!r}: {dataset.n_items} items in {len(writer.ranges)} shards of "
+            f"{cfg.items_per_shard}; {len(writer.skipped)} already complete, {len(pending)} to compute")
+        modalities = [m for m, r in (("text", text), ("image", image)) if r is not None]
+        collector = _Collector(writer, modalities, sum(writer.ranges[s][1] - writer.ranges[s][0] for s in pending),
+                               on_shard)
+        if pending:
+            max_chars = cfg.text.max_chars if cfg.text else None
+            units = build_work_units(dataset, pending, cfg.items_per_shard, max_chars)
+            (_run_ray if cfg.executor == "ray" else _run_local)(cfg, units, text, image, collector)
+        manifest = writer.finish()
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+    seconds = time.perf_counter() - t0
+    return RunSummary(
+        items=dataset.n_items,
+        shards_total=len(writer.ranges),
+        shards_written=collector.shards,
+        shards_skipped=len(writer.skipped),
+        items_computed=collector.items,
+        failures=manifest["counts"],
+        seconds=round(seconds, 3),
+        items_per_second=round(collector.items / seconds, 3) if seconds > 0 else 0.0,
+        nodes=len(collector.nodes),
+        out=str(cfg.out),
+    )
+
+
+def import_mmrec(dataset_folder: str, out: str, text_feat: str | None = None, image_feat: str | None = None,
+                 items_per_shard: int = 256, store_dtype: str = "float32", overwrite: bool = False) -> RunSummary:
+    """MMRec's item-ordered ``text_feat.npy`` / ``image_feat.npy`` -> shards of the same format.
+
+    Row i is item index i. A row with NaN or inf becomes a zero vector flagged ``<m>_nonfinite``.
+    """
+    t0 = time.perf_counter()
+    if text_feat is None and image_feat is None:
+        raise ExtractError("import-mmrec: give --text-feat and/or --image-feat")
+    dataset = _load_dataset(dataset_folder)
+    arrays, modalities = {}, {}
+    for m, path in (("text", text_feat), ("image", image_feat)):
+        if path is None:
+            continue
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise ExtractError(f"{path}: cannot read as a plain .npy array ({exc})") from exc
+        if arr.ndim != 2 or arr.shape[0] != dataset.n_items:
+            raise ExtractError(f"{path}: shape {arr.shape}, expected ({dataset.n_items}, dim) for dataset {dataset.name!r}")
+        arrays[m] = arr.astype(np.float32)
+        modalities[m] = {"name": "mmrec-import", "source_file": Path(path).name,
+                         "revision": {"sha256": sha256_file(Path(path))}, "pooling": "precomputed",
+                         "source_dtype": str(arr.dtype)}
+    spec = {
+        "dataset": {"name": dataset.name, "content_hash": dataset.meta["content_hash"], "n_items": dataset.n_items},
+        "items_per_shard": items_per_shard,
+        "store_dtype": store_dtype,
+        "modalities": modalities,
+    }
+    provenance = {"executor": "import-mmrec", **{m: {"load_path": str(Path(p).resolve())}
+                                                for m, p in (("text", text_feat), ("image", image_feat)) if p}}
+    writer = FeatureSetWriter(out, spec, provenance, overwrite=overwrite)
+    items = written = 0
+    for shard in writer.pending():
+        first, stop = writer.ranges[shard]
+        flags: list[list[str]] = [[] for _ in range(stop - first)]
+        vectors = {}
+        for m, arr in arrays.items():
+            block = arr[first:stop].copy()
+            bad = ~np.isfinite(block).all(axis=1)
+            block[bad] = 0.0
+            for i in np.flatnonzero(bad):
+                flags[i].append(f"{m}_nonfinite")
+            vectors[m] = block
+        ids = dataset.items["item_id"].iloc[first:stop].astype(str).tolist()
+        entry = writer.add(shard, ids, vectors, flags)
+        items += stop - first
+        written += 1
+        log(f"wrote {entry['name']} ({stop - first} items)")
+    manifest = writer.finish()
+    seconds = time.perf_counter() - t0
+    return RunSummary(items=dataset.n_items, shards_total=len(writer.ranges), shards_written=written,
+                      shards_skipped=len(writer.skipped), items_computed=items, failures=manifest["counts"],
+                      seconds=round(seconds, 3), items_per_second=round(items / seconds, 3) if seconds else 0.0,
+                      nodes=1, out=str(out))
+
+
+__all__ = ["ExtractConfig", "ExtractError", "RunSummary", "ShardError", "import_mmrec", "run_extract"]

@@ -1,0 +1,351 @@
+"""Feature shards (DESIGN §2): the contract between ``extract`` and ``train``, written and checked here.
+
+A feature-set folder::
+
+    <out>/items-000000.tar ... items-NNNNNN.tar   WebDataset tars
+    <out>/manifest.json                           written atomically after every shard; "complete": true last
+
+Shard ``s`` holds exactly the items ``s * items_per_shard ... (s + 1) * items_per_shard - 1``
+(membership is a pure function of the item index). One sample per item, in item order; the
+sample key is the item index as ``%09d`` (no dots); its members, sorted by name:
+
+- ``<key>.image.npy`` / ``<key>.text.npy``: one vector (``np.save``, float16 or float32; loaded
+  with ``allow_pickle=False``); a zero vector where the modality is missing;
+- ``<key>.meta.json``: ``{"item_id", "item_idx", "text_missing", "image_missing", "flags"}``.
+
+Tars are byte-deterministic: members in order, mtime 0, uid/gid 0, empty user/group names,
+mode 0644, ustar format. A shard is written to a hidden temporary name and renamed when
+complete; a shard counts as done exactly when the manifest lists it with its sha256.
+
+The manifest holds the run's ``spec`` (dataset hash, models and revisions, pooling, prompt
+template, dtypes, batch sizes: everything that decides the numbers), ``dims``, and per shard
+its item range, count, sha256 and missing counts. A rerun with the same spec skips the shards
+listed (whose sha256 still matches); a different spec is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import tarfile
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MANIFEST = "manifest.json"
+FORMAT = "dprec-item-features"
+FORMAT_VERSION = 1
+MODALITIES = ("text", "image")
+SHARD_RE = re.compile(r"^items-(\d{6})\.tar$")
+TMP_PREFIX = ".tmp-"
+MISSING_FLAGS = {
+    "text": ("text_empty", "text_error", "text_nonfinite"),
+    "image": ("image_none", "image_file_missing", "image_decode_error", "image_url_not_fetched", "image_url_error",
+              "image_error", "image_nonfinite"),
+}
+
+
+class ShardError(ValueError):
+    """A feature folder breaks the shard contract; the message names the shard (or manifest) and the fault."""
+
+
+def shard_name(shard: int) -> str:
+    return f"items-{shard:06d}.tar"
+
+
+def item_key(item_idx: int) -> str:
+    return f"{item_idx:09d}"
+
+
+def shard_of(item_idx: int, items_per_shard: int) -> int:
+    return item_idx // items_per_shard
+
+
+def shard_ranges(n_items: int, items_per_shard: int) -> list[tuple[int, int]]:
+    """[(first, last_exclusive)] per shard."""
+    return [(s, min(s + items_per_shard, n_items)) for s in range(0, n_items, items_per_shard)]
+
+
+def _npy_bytes(vector: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(vector), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def shard_bytes(
+    item_idx: np.ndarray, vectors: dict[str, np.ndarray], metas: list[dict[str, Any]], dtype: str
+) -> bytes:
+    """The tar of one shard, byte-deterministic: same inputs, same bytes."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for row, idx in enumerate(item_idx):
+            key = item_key(int(idx))
+            members = {f"{m}.npy": _npy_bytes(vectors[m][row].astype(dtype)) for m in vectors}
+            members["meta.json"] = json.dumps(metas[row], sort_keys=True, ensure_ascii=False).encode()
+            for name in sorted(members):
+                _add_member(tar, f"{key}.{name}", members[name])
+    return buf.getvalue()
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write to a hidden temporary file beside ``path``, fsync, rename: readers see all or nothing."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{TMP_PREFIX}{path.name}.")
+    try:
+        os.fchmod(fd, 0o644)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_shard(folder: Path, shard: int, data: bytes) -> dict[str, Any]:
+    atomic_write(folder / shard_name(shard), data)
+    return {"name": shard_name(shard), "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+
+def remove_stale_temporaries(folder: Path) -> int:
+    """Delete temporary files an interrupted run left; returns how many."""
+    stale = [p for p in folder.glob(f"{TMP_PREFIX}*") if p.is_file()]
+    for p in stale:
+        p.unlink()
+    return len(stale)
+
+
+def load_manifest(folder: str | Path) -> dict[str, Any] | None:
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ShardError(f"{path}: unreadable manifest ({exc})") from exc
+    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+        raise ShardError(f"{path}: not a {FORMAT} v{FORMAT_VERSION} manifest")
+    return manifest
+
+
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    manifest = dict(manifest, shards=sorted(manifest["shards"], key=lambda s: s["shard"]))
+    atomic_write(folder / MANIFEST, (json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode())
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+class FeatureSetWriter:
+    """Writes the shards of one feature folder and keeps its manifest current; resumes a compatible folder.
+
+    ``spec`` is everything that decides the numbers. An existing manifest with the same spec
+    keeps the shards it lists whose files still match their sha256; one with another spec is
+    refused unless ``overwrite`` (then its shards and manifest are deleted first).
+    """
+
+    def __init__(self, folder: str | Path, spec: dict[str, Any], provenance: dict[str, Any], overwrite: bool = False):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.spec = spec
+        self.ranges = shard_ranges(spec["dataset"]["n_items"], spec["items_per_shard"])
+        old = load_manifest(self.folder)
+        if old is not None and old["spec"] != spec:
+            if not overwrite:
+                diff = sorted(k for k in set(old["spec"]) | set(spec) if old["spec"].get(k) != spec.get(k))
+                raise ShardError(
+                    f"{self.folder / MANIFEST}: this folder holds features of another configuration "
+                    f"(differs in {diff}); choose another --out or pass --overwrite"
+                )
+            for path in self.folder.glob("items-*.tar"):
+                path.unlink()
+            (self.folder / MANIFEST).unlink()
+            old = None
+        remove_stale_temporaries(self.folder)
+        self.dims: dict[str, int] = dict(old["dims"]) if old else {}
+        self.entries: dict[int, dict[str, Any]] = {}
+        for entry in old["shards"] if old else []:
+            path = self.folder / entry["name"]
+            if path.is_file() and sha256_file(path) == entry["sha256"]:
+                self.entries[entry["shard"]] = entry
+        self.skipped = sorted(self.entries)
+        self.manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "spec": spec, "provenance": provenance}
+        self._write_manifest()
+
+    def pending(self) -> list[int]:
+        return [s for s in range(len(self.ranges)) if s not in self.entries]
+
+    def add(
+        self,
+        shard: int,
+        item_ids: list[str],
+        vectors: dict[str, np.ndarray],
+        flags: list[list[str]],
+    ) -> dict[str, Any]:
+        """Write one shard (vectors per modality in item order, flags per item) and list it in the manifest."""
+        first, stop = self.ranges[shard]
+        count = stop - first
+        if len(item_ids) != count or len(flags) != count:
+            raise ShardError(f"shard {shard_name(shard)}: got {len(item_ids)} items, expected {count}")
+        for m, vec in vectors.items():
+            if vec.shape[0] != count:
+                raise ShardError(f"shard {shard_name(shard)}: {vec.shape[0]} {m} vectors for {count} items")
+            dim = self.dims.setdefault(m, int(vec.shape[1]))
+            if vec.shape[1] != dim:
+                raise ShardError(f"shard {shard_name(shard)}: {m} dim {vec.shape[1]}, earlier shards have {dim}")
+        metas, kinds, missing = [], {}, dict.fromkeys(vectors, 0)
+        for row in range(count):
+            item_flags = sorted(set(flags[row]))
+            meta = {"item_id": item_ids[row], "item_idx": first + row, "flags": item_flags}
+            for m in vectors:
+                meta[f"{m}_missing"] = any(f in MISSING_FLAGS[m] for f in item_flags)
+                missing[m] += meta[f"{m}_missing"]
+            for f in item_flags:
+                kinds[f] = kinds.get(f, 0) + 1
+            metas.append(meta)
+        data = shard_bytes(np.arange(first, stop), vectors, metas, self.spec["store_dtype"])
+        entry = write_shard(self.folder, shard, data)
+        entry.update(shard=shard, first_item=first, last_item=stop - 1, count=count, missing=missing, flags=kinds)
+        self.entries[shard] = entry
+        self._write_manifest()
+        return entry
+
+    def counts(self) -> dict[str, int]:
+        total: dict[str, int] = {}
+        for entry in self.entries.values():
+            for k, n in entry["flags"].items():
+                total[k] = total.get(k, 0) + n
+        return dict(sorted(total.items()))
+
+    def _write_manifest(self, complete: bool = False) -> None:
+        self.manifest.update(
+            dims=self.dims, shards=list(self.entries.values()), complete=complete, n_shards=len(self.ranges),
+            counts=self.counts(),
+        )
+        write_manifest(self.folder, self.manifest)
+
+    def finish(self) -> dict[str, Any]:
+        if self.pending():
+            raise ShardError(f"{self.folder}: shards {self.pending()[:10]} were not written; rerun to finish")
+        self._write_manifest(complete=True)
+        return self.manifest
+
+
+def _dataset_hash(dataset: Any) -> tuple[str, int]:
+    """(content hash, item count) of a Dataset or a dataset folder."""
+    if isinstance(dataset, (str, Path)):
+        from dprec.data.dataset import load_dataset
+
+        dataset = load_dataset(dataset)
+    return dataset.meta["content_hash"], dataset.n_items
+
+
+def read_shard(path: Path, entry: dict[str, Any], dims: dict[str, int]) -> tuple[dict[str, np.ndarray], list[dict]]:
+    """Vectors per modality (count x dim, float32) and the metas of one shard, checked against its manifest entry."""
+    name = entry["name"]
+    first, count = entry["first_item"], entry["count"]
+    samples: dict[str, dict[str, bytes]] = {}
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for member in tar:
+                if not member.isfile():
+                    raise ShardError(f"shard {name}: member {member.name!r} is not a regular file")
+                key, _, suffix = member.name.partition(".")
+                samples.setdefault(key, {})[suffix] = tar.extractfile(member).read()
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise ShardError(f"shard {name}: not a readable tar ({exc}); rerun extract to rewrite it") from exc
+    expected_keys = [item_key(i) for i in range(first, first + count)]
+    if len(samples) != count:
+        raise ShardError(f"shard {name}: {len(samples)} samples, manifest says {count}")
+    if list(samples) != expected_keys:
+        raise ShardError(f"shard {name}: sample keys are not items {first}..{first + count - 1} in order")
+    vectors = {m: np.zeros((count, d), np.float32) for m, d in dims.items()}
+    metas = []
+    for row, key in enumerate(expected_keys):
+        members = samples[key]
+        for m, d in dims.items():
+            if f"{m}.npy" not in members:
+                raise ShardError(f"shard {name}: sample {key} has no {m}.npy")
+            try:
+                vec = np.load(io.BytesIO(members[f"{m}.npy"]), allow_pickle=False)
+            except ValueError as exc:
+                raise ShardError(f"shard {name}: sample {key} {m}.npy is not a plain array ({exc})") from exc
+            if vec.shape != (d,):
+                raise ShardError(f"shard {name}: sample {key} {m}.npy has shape {vec.shape}, manifest dim is {d}")
+            vectors[m][row] = vec
+        if "meta.json" not in members:
+            raise ShardError(f"shard {name}: sample {key} has no meta.json")
+        metas.append(json.loads(members["meta.json"]))
+    return vectors, metas
+
+
+def read_features(folder: str | Path, dataset: Any = None, verify: bool = True) -> dict[str, np.ndarray]:
+    """Item-ordered features of a complete feature folder.
+
+    Returns ``{"text": (n, d) float32, "text_missing": (n,) bool, "image": ..., "image_missing": ...,
+    "item_id": (n,) str}`` for the modalities the folder has. ``dataset`` (a Dataset or a
+    dataset folder) is checked by content hash and item count. With ``verify`` every shard's
+    sha256 is checked against the manifest (a truncated or altered shard is refused).
+    """
+    folder = Path(folder)
+    manifest = load_manifest(folder)
+    if manifest is None:
+        raise ShardError(f"{folder}: no {MANIFEST}; run `python -m dprec.extract` to write features here")
+    if not manifest.get("complete"):
+        raise ShardError(f"{folder / MANIFEST}: extraction is incomplete (interrupted?); rerun extract to finish it")
+    spec = manifest["spec"]
+    n_items = spec["dataset"]["n_items"]
+    if dataset is not None:
+        got_hash, got_items = _dataset_hash(dataset)
+        if got_hash != spec["dataset"]["content_hash"]:
+            raise ShardError(
+                f"{folder / MANIFEST}: features were extracted from dataset hash {spec['dataset']['content_hash'][:12]}..., "
+                f"this dataset has {got_hash[:12]}...; re-extract features for this dataset"
+            )
+        if got_items != n_items:
+            raise ShardError(f"{folder / MANIFEST}: {n_items} items in the features, {got_items} in the dataset")
+    dims = {m: int(d) for m, d in manifest["dims"].items()}
+    entries = sorted(manifest["shards"], key=lambda e: e["shard"])
+    ranges = shard_ranges(n_items, spec["items_per_shard"])
+    if [e["shard"] for e in entries] != list(range(len(ranges))):
+        raise ShardError(f"{folder / MANIFEST}: lists shards {[e['shard'] for e in entries]}, expected 0..{len(ranges) - 1}")
+    out = {m: np.zeros((n_items, d), np.float32) for m, d in dims.items()}
+    missing = {m: np.zeros(n_items, bool) for m in dims}
+    item_ids = np.empty(n_items, dtype=object)
+    for entry, (first, stop) in zip(entries, ranges, strict=True):
+        name = entry["name"]
+        if (entry["first_item"], entry["count"]) != (first, stop - first):
+            raise ShardError(f"shard {name}: manifest range {entry['first_item']}+{entry['count']} != items {first}..{stop - 1}")
+        path = folder / name
+        if not path.is_file():
+            raise ShardError(f"shard {name}: listed in the manifest but missing from {folder}; rerun extract")
+        if verify and sha256_file(path) != entry["sha256"]:
+            raise ShardError(f"shard {name}: sha256 differs from the manifest (truncated or altered); rerun extract")
+        vectors, metas = read_shard(path, entry, dims)
+        for m in dims:
+            out[m][first:stop] = vectors[m]
+            missing[m][first:stop] = [bool(meta.get(f"{m}_missing")) for meta in metas]
+        item_ids[first:stop] = [meta["item_id"] for meta in metas]
+    result: dict[str, np.ndarray] = {"item_id": item_ids}
+    for m in dims:
+        result[m] = out[m]
+        result[f"{m}_missing"] = missing[m]
+    return result
