@@ -1,12 +1,32 @@
 """Recommenders, one module each; ``MODELS`` maps a config name to (model class, config class)."""
 
 from dprec.models.base import ModelContext, Recommender
+from dprec.models.dprec import DPRec, DPRecConfig
+from dprec.models.lgmrec import LGMRec, LGMRecConfig
 from dprec.models.lightgcn import LightGCN, LightGCNConfig
+from dprec.models.mgcn import MGCN, MGCNConfig
 from dprec.models.popularity import Popularity, PopularityConfig
 
 MODELS: dict[str, tuple[type[Recommender], type]] = {
     "popularity": (Popularity, PopularityConfig),
     "lightgcn": (LightGCN, LightGCNConfig),
+    "dprec": (DPRec, DPRecConfig),
+    "mgcn": (MGCN, MGCNConfig),
+    "lgmrec": (LGMRec, LGMRecConfig),
 }
 
-__all__ = ["MODELS", "ModelContext", "Recommender", "LightGCN", "LightGCNConfig", "Popularity", "PopularityConfig"]
+__all__ = [
+    "MODELS",
+    "ModelContext",
+    "Recommender",
+    "DPRec",
+    "DPRecConfig",
+    "LGMRec",
+    "LGMRecConfig",
+    "LightGCN",
+    "LightGCNConfig",
+    "MGCN",
+    "MGCNConfig",
+    "Popularity",
+    "PopularityConfig",
+]

@@ -1,0 +1,291 @@
+"""DPRec (dprec.models.dprec): shapes, switches, gradients, references, backends, degradation and learning."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dprec.config import ConfigError
+from dprec.data.synthetic import generate
+from dprec.graph import available_backends
+from dprec.models import ModelContext
+from dprec.models.dprec import DPRec, DPRecConfig, info_nce
+from dprec.models.lightgcn import LightGCN, LightGCNConfig
+from dprec.train import RunConfig, TrainConfig, Trainer
+
+N_USERS, N_ITEMS = 40, 30
+requires_dgl = pytest.mark.skipif("dgl" not in available_backends(), reason="DGL does not import here")
+
+
+def random_context(backend: str = "torch", views: tuple[str, ...] = ("text", "image"), seed: int = 0) -> ModelContext:
+    """40 users with 6 random items each out of 30; random features of 12 (text) and 8 (image) dims."""
+    rng = np.random.default_rng(seed)
+    users = np.repeat(np.arange(N_USERS), 6)
+    items = np.concatenate([rng.choice(N_ITEMS, 6, replace=False) for _ in range(N_USERS)])
+    dims = {"text": 12, "image": 8, "audio": 5}
+    features = {v: rng.standard_normal((N_ITEMS, dims[v])).astype(np.float32) for v in views}
+    return ModelContext(N_USERS, N_ITEMS, users, items, graph_backend=backend, features=features)
+
+
+def make_model(backend: str = "torch", views: tuple[str, ...] = ("text", "image"), seed: int = 0, **overrides) -> DPRec:
+    cfg = DPRecConfig(n_hyperedges=3, knn_k=4, projection_hidden=16, embedding_dim=8, **overrides)
+    torch.manual_seed(seed)
+    return DPRec(cfg, random_context(backend, views))
+
+
+def batch(seed: int = 1, size: int = 32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return (
+        torch.randint(0, N_USERS, (size,), generator=gen),
+        torch.randint(0, N_ITEMS, (size,), generator=gen),
+        torch.randint(0, N_ITEMS, (size,), generator=gen),
+    )
+
+
+def eval_embeddings(model: DPRec) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        users, items = model.final_embeddings()
+    return torch.cat([users, items])
+
+
+def train_loss(model: DPRec, seed: int = 2) -> tuple[torch.Tensor, dict[str, float]]:
+    model.train()
+    torch.manual_seed(seed)  # the same Gumbel noise and dropout for models that are compared
+    return model.calculate_loss(*batch())
+
+
+def test_shapes_finiteness_and_loss_parts() -> None:
+    model = make_model()
+    loss, parts = train_loss(model)
+    assert loss.dim() == 0 and torch.isfinite(loss)
+    assert set(parts) == {"bpr", "reg", "align_node", "align_hyperedge", "align_behaviour"}
+    assert all(math.isfinite(v) for v in parts.values())
+    model.eval()
+    users, items = model.final_embeddings()
+    assert users.shape == (N_USERS, 8) and items.shape == (N_ITEMS, 8)
+    assert torch.isfinite(users).all() and torch.isfinite(items).all()
+    scores = model.full_sort_predict(torch.tensor([0, 3]))
+    torch.testing.assert_close(scores, users[[0, 3]] @ items.T)
+
+
+ALL_GROUPS = {"user_emb", "item_emb", "projection", "perspective_gate", "modality_gate", "hyperedge_assign"}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "views", "groups"),
+    [
+        ({}, ("text", "image"), ALL_GROUPS),
+        ({"use_memory": False}, ("text", "image"), ALL_GROUPS - {"perspective_gate"}),
+        ({"use_expansion": False}, ("text", "image"), ALL_GROUPS - {"perspective_gate"}),
+        (
+            {"use_memory": False, "use_expansion": False},
+            ("text", "image"),
+            {"user_emb", "item_emb", "hyperedge_assign"},
+        ),
+        ({"use_hypergraph": False}, ("text", "image"), ALL_GROUPS - {"hyperedge_assign"}),
+        ({"fusion": "sum"}, ("text", "image"), ALL_GROUPS - {"perspective_gate", "modality_gate"}),
+        ({"align_node": False, "align_hyperedge": False, "align_behaviour": False}, ("text", "image"), ALL_GROUPS),
+        ({}, ("text",), ALL_GROUPS - {"modality_gate"}),
+        ({}, ("text", "image", "audio"), ALL_GROUPS),
+        ({}, (), {"user_emb", "item_emb"}),
+    ],
+)
+def test_gradient_reaches_exactly_the_parts_switched_on(overrides: dict, views: tuple[str, ...], groups: set) -> None:
+    model = make_model(views=views, **overrides)
+    loss, _ = train_loss(model)
+    loss.backward()
+    present = {name.split(".")[0] for name, _ in model.named_parameters()}
+    assert present == groups
+    for name, param in model.named_parameters():
+        assert param.grad is not None and torch.isfinite(param.grad).all(), name
+        assert param.grad.abs().sum() > 0, f"{name} gets no gradient"
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"use_memory": False},
+        {"use_expansion": False},
+        {"use_hypergraph": False},
+        {"fusion": "sum"},
+        {"knn_weighted": False},
+        {"n_mm_layers": 1},
+        {"n_ii_layers": 2},
+        {"n_hyper_layers": 2},
+        {"alpha": 0.0},
+        {"views": ["text"]},
+    ],
+)
+def test_each_structural_switch_changes_the_output(overrides: dict) -> None:
+    base = make_model()
+    switched = make_model(**overrides)
+    switched.load_state_dict(base.state_dict(), strict=False)  # same weights for the parts both have
+    assert not torch.allclose(eval_embeddings(switched), eval_embeddings(base), atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "part"),
+    [
+        ({"align_node": False}, "align_node"),
+        ({"align_hyperedge": False}, "align_hyperedge"),
+        ({"align_behaviour": False}, "align_behaviour"),
+        ({"hyperedge_assignment": "soft"}, None),
+        ({"align_tau": 0.5}, None),
+        ({"lambda_align": 0.1}, None),
+        ({"keep_rate": 1.0}, None),
+    ],
+)
+def test_each_training_switch_changes_the_loss(overrides: dict, part: str | None) -> None:
+    base = make_model()
+    switched = make_model(**overrides)
+    switched.load_state_dict(base.state_dict())
+    (base_loss, base_parts), (loss, parts) = train_loss(base), train_loss(switched)
+    assert abs(float(loss.detach()) - float(base_loss.detach())) > 1e-6
+    if part is not None:
+        assert part in base_parts and part not in parts
+
+
+def test_info_nce_equals_hand_computation() -> None:
+    anchor = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    positive = torch.tensor([[3.0, 0.0], [1.0, 1.0]])
+    tau = 0.5
+    r = 1 / math.sqrt(2)  # cos between an axis and (1, 1)
+    first = -math.log(math.exp(1 / tau) / (math.exp(1 / tau) + math.exp(r / tau)))
+    second = -math.log(math.exp(r / tau) / (math.exp(0 / tau) + math.exp(r / tau)))
+    assert float(info_nce(anchor, positive, tau)) == pytest.approx((first + second) / 2, rel=1e-6)
+    candidates = torch.tensor([[1.0, 0.0], [1.0, 1.0], [-1.0, 0.0]])
+    third = -math.log(math.exp(r / tau) / (math.exp(0) + math.exp(r / tau) + math.exp(0)))
+    got = info_nce(anchor[1:], positive[1:], tau, candidates=candidates, reduction="sum")
+    assert float(got) == pytest.approx(third, rel=1e-6)
+
+
+@pytest.mark.parametrize("backend", [pytest.param("dgl", marks=requires_dgl), "torch"])
+@pytest.mark.parametrize("n_layers", [1, 2])
+def test_hypergraph_view_equals_dense_reference(backend: str, n_layers: int) -> None:
+    model = make_model(backend=backend, n_hyper_layers=n_layers).eval()
+    ctx = random_context()
+    mean = np.zeros((N_USERS, N_ITEMS))
+    mean[ctx.train_users, ctx.train_items] = 1
+    mean = torch.from_numpy(mean / mean.sum(1, keepdims=True))
+    with torch.no_grad():
+        views = model()
+        for name, weight in model.hyperedge_assign.items():
+            logits = torch.from_numpy(ctx.features[name]).double() @ weight.double()
+            items = torch.softmax(logits / model.cfg.hyperedge_tau, dim=1)
+            incidence = torch.cat([mean @ items, items])
+            nodes = views.h_id.double()
+            for _ in range(n_layers):
+                hyperedges = incidence.T @ nodes
+                nodes = incidence @ hyperedges
+            torch.testing.assert_close(views.g_modality[name].double(), nodes, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(views.hyperedges[name].double(), hyperedges, rtol=1e-5, atol=1e-5)
+
+
+@requires_dgl
+def test_dgl_and_torch_backends_agree_on_the_full_model() -> None:
+    dgl_model, torch_model = make_model(backend="dgl"), make_model(backend="torch")
+    assert (eval_embeddings(dgl_model) - eval_embeddings(torch_model)).abs().max() < 1e-5
+    (dgl_loss, dgl_parts), (torch_loss, torch_parts) = train_loss(dgl_model), train_loss(torch_model)
+    assert abs(float(dgl_loss.detach()) - float(torch_loss.detach())) < 1e-5
+    assert dgl_parts == pytest.approx(torch_parts, abs=1e-5)
+    dgl_loss.backward()
+    torch_loss.backward()
+    for (name, p_dgl), (_, p_torch) in zip(dgl_model.named_parameters(), torch_model.named_parameters(), strict=True):
+        assert (p_dgl.grad - p_torch.grad).abs().max() < 1e-5, name
+
+
+def test_same_seed_same_result_and_noise_free_evaluation() -> None:
+    a, b = make_model(seed=3), make_model(seed=3)
+    (loss_a, parts_a), (loss_b, parts_b) = train_loss(a), train_loss(b)
+    assert torch.equal(loss_a, loss_b) and parts_a == parts_b
+    assert torch.equal(eval_embeddings(a), eval_embeddings(a))
+    assert torch.equal(eval_embeddings(a), eval_embeddings(b))
+
+
+def test_one_modality_switches_cross_modal_levels_off_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="dprec.models.dprec"):
+        model = make_model(views=("text",))
+        _, parts = train_loss(model)
+        train_loss(model)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "node level (it needs two modalities)" in warnings[0]
+    assert "hyperedge level (it needs two modalities)" in warnings[0]
+    assert "align_node" not in parts and "align_hyperedge" not in parts and "align_behaviour" in parts
+
+
+def test_no_features_is_lightgcn_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="dprec.models.dprec"):
+        model = make_model(views=())
+    assert any("reduces to LightGCN" in r.getMessage() for r in caplog.records)
+    lightgcn = LightGCN(LightGCNConfig(embedding_dim=8, n_layers=2), random_context())
+    lightgcn.load_state_dict({"user_emb": model.user_emb.detach(), "item_emb": model.item_emb.detach()})
+    torch.testing.assert_close(eval_embeddings(model), torch.cat(lightgcn.final_embeddings()).detach())
+    users, pos, neg = batch()
+    torch.testing.assert_close(model.calculate_loss(users, pos, neg)[0], lightgcn.calculate_loss(users, pos, neg)[0])
+
+
+def test_config_errors_name_the_field() -> None:
+    for overrides, message in [
+        ({"fusion": "concat"}, "fusion must be one of"),
+        ({"keep_rate": 0.0}, "keep_rate"),
+        ({"hyperedge_tau": 0}, "hyperedge_tau must be positive"),
+        ({"n_hyper_layers": 0}, "n_hyper_layers must be positive"),
+        ({"use_memory": "no"}, "use_memory must be true or false"),
+        ({"views": ["text", "text"]}, "must not repeat"),
+        ({"hyperedge_assignment": "hard"}, "hyperedge_assignment"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            DPRecConfig(**overrides)
+    with pytest.raises(ValueError, match=r"feature view\(s\) \['audio'\] not found"):
+        DPRec(DPRecConfig(views=["audio"]), random_context())
+    with pytest.raises(ConfigError, match="use_hypergrap"):
+        RunConfig(dataset="x", model={"name": "dprec", "use_hypergrap": False}).model_config()
+
+
+def informative_features(ds, seed: int = 0) -> dict[str, np.ndarray]:
+    """'text' = one-hot hidden category, 'image' = one-hot hidden colour, each with noise and noise-only dims."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, key, n_values in (("text", "category", 8), ("image", "colour", 6)):
+        onehot = np.eye(n_values)[np.asarray(ds.meta["hidden"][key])]
+        padded = np.concatenate([onehot, np.zeros_like(onehot)], 1)
+        out[name] = (padded + 0.3 * rng.standard_normal(padded.shape)).astype(np.float32)
+    return out
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+    ds = generate()
+    return ds, informative_features(ds)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for a training run (2 threads on a busy 2-core machine are many times slower), then back."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def fit(synthetic, model: dict, epochs: int) -> dict:
+    ds, features = synthetic
+    train = TrainConfig(epochs=epochs, batch_size=512, lr=0.01, seed=1, graph_backend="torch", ks=(10, 20))
+    return Trainer(RunConfig(dataset="synthetic", model=model, train=train), ds, features=features).fit(
+        log=lambda s: None
+    )
+
+
+def test_learns_and_beats_popularity(synthetic, one_thread) -> None:
+    popularity = fit(synthetic, {"name": "popularity"}, epochs=1)
+    result = fit(synthetic, {"name": "dprec"}, epochs=4)
+    bpr = [row["bpr"] for row in result["history"]]
+    assert bpr[-1] < 0.7 * bpr[0]
+    assert result["valid"]["recall@20"] > popularity["valid"]["recall@20"] + 0.15
+    assert result["test"]["recall@20"] > popularity["test"]["recall@20"] + 0.15
