@@ -1,6 +1,7 @@
 """Shared test set-up: offline environment, and where the real datasets live."""
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,9 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# Subprocesses (mlflow, uvicorn, deepspeed, ray) must come from this interpreter's environment,
+# also when pytest runs as .venv/bin/python -m pytest without an activated venv.
+os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
 
 
 def shared_data_dir() -> Path:
