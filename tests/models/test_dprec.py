@@ -10,12 +10,11 @@ import pytest
 import torch
 
 from dprec.config import ConfigError
-from dprec.data.synthetic import generate
 from dprec.graph import available_backends
 from dprec.models import ModelContext
 from dprec.models.dprec import DPRec, DPRecConfig, info_nce
 from dprec.models.lightgcn import LightGCN, LightGCNConfig
-from dprec.train import RunConfig, TrainConfig, Trainer
+from dprec.train import RunConfig
 
 N_USERS, N_ITEMS = 40, 30
 requires_dgl = pytest.mark.skipif("dgl" not in available_backends(), reason="DGL does not import here")
@@ -248,43 +247,9 @@ def test_config_errors_name_the_field() -> None:
         RunConfig(dataset="x", model={"name": "dprec", "use_hypergrap": False}).model_config()
 
 
-def informative_features(ds, seed: int = 0) -> dict[str, np.ndarray]:
-    """'text' = one-hot hidden category, 'image' = one-hot hidden colour, each with noise and noise-only dims."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for name, key, n_values in (("text", "category", 8), ("image", "colour", 6)):
-        onehot = np.eye(n_values)[np.asarray(ds.meta["hidden"][key])]
-        padded = np.concatenate([onehot, np.zeros_like(onehot)], 1)
-        out[name] = (padded + 0.3 * rng.standard_normal(padded.shape)).astype(np.float32)
-    return out
-
-
-@pytest.fixture(scope="module")
-def synthetic():
-    ds = generate()
-    return ds, informative_features(ds)
-
-
-@pytest.fixture
-def one_thread():
-    """One torch thread for a training run (2 threads on a busy 2-core machine are many times slower), then back."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def fit(synthetic, model: dict, epochs: int) -> dict:
-    ds, features = synthetic
-    train = TrainConfig(epochs=epochs, batch_size=512, lr=0.01, seed=1, graph_backend="torch", ks=(10, 20))
-    return Trainer(RunConfig(dataset="synthetic", model=model, train=train), ds, features=features).fit(
-        log=lambda s: None
-    )
-
-
-def test_learns_and_beats_popularity(synthetic, one_thread) -> None:
-    popularity = fit(synthetic, {"name": "popularity"}, epochs=1)
-    result = fit(synthetic, {"name": "dprec"}, epochs=4)
+def test_learns_and_beats_popularity(fit_synthetic) -> None:
+    popularity = fit_synthetic({"name": "popularity"}, epochs=1)
+    result = fit_synthetic({"name": "dprec"}, epochs=4)
     bpr = [row["bpr"] for row in result["history"]]
     assert bpr[-1] < 0.7 * bpr[0]
     assert result["valid"]["recall@20"] > popularity["valid"]["recall@20"] + 0.15

@@ -8,13 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from dprec.data.synthetic import generate
 from dprec.graph import available_backends, lightgcn_propagate
 from dprec.graph.knn import item_knn_edges
 from dprec.models import MODELS, ModelContext
 from dprec.models.lgmrec import LGMRec, LGMRecConfig
 from dprec.models.mgcn import MGCN, MGCNConfig
-from dprec.train import RunConfig, TrainConfig, Trainer
 
 N_USERS, N_ITEMS = 40, 30
 RELATIVES = ["mgcn", "lgmrec"]
@@ -165,44 +163,10 @@ def test_lgmrec_one_modality_turns_the_infonce_off_and_says_so(caplog: pytest.Lo
     assert parts["cl"] == 0.0
 
 
-def informative_features(ds, seed: int = 0) -> dict[str, np.ndarray]:
-    """'text' = one-hot hidden category, 'image' = one-hot hidden colour, each with noise and noise-only dims."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for name, key, n_values in (("text", "category", 8), ("image", "colour", 6)):
-        onehot = np.eye(n_values)[np.asarray(ds.meta["hidden"][key])]
-        padded = np.concatenate([onehot, np.zeros_like(onehot)], 1)
-        out[name] = (padded + 0.3 * rng.standard_normal(padded.shape)).astype(np.float32)
-    return out
-
-
-@pytest.fixture(scope="module")
-def synthetic():
-    ds = generate()
-    return ds, informative_features(ds)
-
-
-@pytest.fixture
-def one_thread():
-    """One torch thread for a training run (2 threads on a busy 2-core machine are many times slower), then back."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def fit(synthetic, model: dict, epochs: int) -> dict:
-    ds, features = synthetic
-    train = TrainConfig(epochs=epochs, batch_size=512, lr=0.01, seed=1, graph_backend="torch", ks=(10, 20))
-    return Trainer(RunConfig(dataset="synthetic", model=model, train=train), ds, features=features).fit(
-        log=lambda s: None
-    )
-
-
 @pytest.mark.parametrize("name", RELATIVES)
-def test_learns_and_beats_popularity(synthetic, one_thread, name: str) -> None:
-    popularity = fit(synthetic, {"name": "popularity"}, epochs=1)
-    result = fit(synthetic, {"name": name}, epochs=4)
+def test_learns_and_beats_popularity(fit_synthetic, name: str) -> None:
+    popularity = fit_synthetic({"name": "popularity"}, epochs=1)
+    result = fit_synthetic({"name": name}, epochs=4)
     bpr = [row["bpr"] for row in result["history"]]
     assert bpr[-1] < 0.7 * bpr[0]
     assert result["valid"]["recall@20"] > popularity["valid"]["recall@20"] + 0.15
