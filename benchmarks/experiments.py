@@ -103,7 +103,21 @@ def main(argv: list[str] | None = None) -> int:
     stem = args.grid.stem
     (args.out / f"{stem}.md").write_text(text + "\n")
     (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
+    log_to_mlflow(stem, results)
     return 0
+
+
+def log_to_mlflow(stem: str, results: dict[str, list[dict]]) -> None:
+    """One MLflow run per grid: the table (markdown, CSV) and a bar chart of test R@20."""
+    from dprec.tracking import RunTracker
+
+    rows = [{"variant": f"{dataset}/{row['model']}", **{f"test_{m}": row["summary"][m][0] for m in METRICS},
+             **{f"std_{m}": row["summary"][m][1] for m in METRICS}} for dataset, grid in results.items() for row in grid]
+    tracker = RunTracker()
+    tracker.start({"grid": stem}, run_name=f"grid-{stem}", experiment="dprec-experiments")
+    tracker.log_grid(rows, label="variant", metric="test_recall@20", name=stem)
+    tracker.finish([])
+    print(f"grid logged to MLflow run {tracker.run_id} ({tracker.uri})")
 
 
 if __name__ == "__main__":
