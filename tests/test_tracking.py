@@ -10,11 +10,11 @@ import time
 from pathlib import Path
 
 import mlflow
-import numpy as np
 import pandas as pd
 import pytest
 import requests
 from mlflow.tracking import MlflowClient
+from test_train import clustered_dataset
 
 from dprec.data.dataset import make_dataset
 from dprec.registry import aliases_of
@@ -23,20 +23,11 @@ from dprec.train import RunConfig, TrainConfig, Trainer
 
 
 def grouped_dataset(n_users=120, n_items=80, per_user=12, seed=0):
-    """Users in 4 groups buying mostly from their own quarter of the items; numeric user ids as in MovieLens."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for u in range(n_users):
-        own = np.arange((u % 4) * n_items // 4, (u % 4 + 1) * n_items // 4)
-        picks = rng.choice(own, size=per_user - 2, replace=False).tolist()
-        picks += rng.choice(np.setdiff1d(np.arange(n_items), own), size=2, replace=False).tolist()
-        split = np.array([0] * (per_user - 4) + [1, 1, 2, 2])
-        rng.shuffle(split)
-        rows += [(u, i, s) for i, s in zip(picks, split, strict=True)]
-    inter = pd.DataFrame(rows, columns=["user_idx", "item_idx", "split"])
-    items = pd.DataFrame({"item_idx": np.arange(n_items), "item_id": [f"I{i:04d}" for i in range(n_items)]})
-    users = pd.DataFrame({"user_idx": np.arange(n_users), "user_id": [str(1000 + u) for u in range(n_users)]})
-    return make_dataset("grouped", inter, items, users, {"source": "test"})
+    """test_train's grouped users and items, relabelled with numeric user ids as in MovieLens."""
+    base = clustered_dataset(n_users, n_items, per_user, seed)
+    items = base.items.assign(item_id=[f"I{i:04d}" for i in range(n_items)])
+    users = base.users.assign(user_id=[str(1000 + u) for u in range(n_users)])
+    return make_dataset("grouped", base.interactions, items, users, {"source": "test"})
 
 
 def run_config(model=None, **train):
