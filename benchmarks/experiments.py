@@ -4,12 +4,13 @@
 
 A grid file names datasets (a prepared dataset folder and its feature views) and models (a
 ``model:`` section, optionally with ``search:`` lists of hyper-parameter values). For every
-dataset and model:
+dataset and model (a model may also carry ``views_from:``, the feature views it gets, and
+``train:``, its overrides of the grid's train section):
 
 1. each point of the search space is trained with the first seed; the point with the best
    validation Recall@20 is kept (the test split is not looked at);
-2. the kept point is trained with every seed; each run reads its test split once, at its best
-   validation epoch;
+2. the kept point is trained with the other seeds (its first-seed run is the search run); each
+   run reads its test split once, at its best validation epoch;
 3. the table shows test R@10 / R@20 / N@10 / N@20 as mean ± std over seeds.
 
 Tables are printed as markdown and written beside the grid's output folder (``results.md``,
@@ -48,28 +49,39 @@ def train_once(dataset: str, features: dict[str, np.ndarray], model: dict, train
 
 
 def run_model(name: str, spec: dict, data: dict, train: dict, seeds: list[int], ds, features) -> dict:
-    model = {k: v for k, v in spec.items() if k != "search"}
+    """Select the search point on validation with the first seed, then train the kept point with every seed.
+
+    ``spec`` is the model section plus optional ``search:`` (lists of values), ``views_from:`` (feature
+    views to give the model) and ``train:`` (this model's overrides of the grid's train section, e.g.
+    MGCN's learning-rate decay). The first seed's run of the kept point is the search run itself.
+    """
+    model = {k: v for k, v in spec.items() if k not in ("search", "train")}
+    train = {**train, **spec.get("train", {})}
     views = model.pop("views_from", None)
     feats = {k: v for k, v in features.items() if views is None or k in views}
     trials = []
     for point in search_points(spec.get("search", {})):
         r = train_once(data["dataset"], feats, {**model, **point}, train, seeds[0], ds)
-        trials.append((r["valid"]["recall@20"], point))
-        print(f"    {name} {point or '(defaults)'}: valid R@20 {r['valid']['recall@20']:.4f}", flush=True)
-    best_point = max(trials, key=lambda t: t[0])[1]
-    runs = [train_once(data["dataset"], feats, {**model, **best_point}, train, s, ds) for s in seeds]
+        trials.append((r["valid"]["recall@20"], point, r))
+        print(f"    {name} {point or '(defaults)'}: valid R@20 {r['valid']['recall@20']:.4f} "
+              f"(best epoch {r['best_epoch']}, {r['seconds']:.0f} s)", flush=True)
+    _, best_point, first = max(trials, key=lambda t: t[0])
+    runs = [first] + [train_once(data["dataset"], feats, {**model, **best_point}, train, s, ds) for s in seeds[1:]]
     test = {m: [r["test"][m] for r in runs] for m in METRICS}
     summary = {m: (float(np.mean(v)), float(np.std(v))) for m, v in test.items()}
     print(f"  {name}: " + "  ".join(f"{m} {mu:.4f}±{sd:.4f}" for m, (mu, sd) in summary.items()), flush=True)
-    return {"model": name, "selected": best_point, "summary": summary, "runs": runs}
+    return {"model": name, "selected": best_point, "summary": summary, "runs": runs,
+            "seconds": float(np.mean([r["seconds"] for r in runs])),
+            "best_epoch": float(np.mean([r["best_epoch"] for r in runs]))}
 
 
 def table(dataset: str, rows: list[dict]) -> str:
     lines = [f"\n**{dataset}** (test, mean ± std over seeds; hyper-parameters selected on validation)\n",
-             "| model | R@10 | R@20 | N@10 | N@20 | selected |", "|---|---|---|---|---|---|"]
+             "| model | R@10 | R@20 | N@10 | N@20 | best epoch | s/run | selected |", "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         cells = " | ".join(f"{mu:.4f} ± {sd:.4f}" for mu, sd in (row["summary"][m] for m in METRICS))
-        lines.append(f"| {row['model']} | {cells} | {json.dumps(row['selected']) if row['selected'] else ''} |")
+        lines.append(f"| {row['model']} | {cells} | {row['best_epoch']:.0f} | {row['seconds']:.0f} | "
+                     f"{json.dumps(row['selected']) if row['selected'] else ''} |")
     return "\n".join(lines)
 
 
@@ -80,9 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", help="model names to run (default: all in the grid)")
     parser.add_argument("--datasets", nargs="*", help="dataset names to run (default: all in the grid)")
     parser.add_argument("--out", type=Path, default=Path("runs/experiments"))
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--no-mlflow", action="store_true", help="do not log the grid to MLflow")
     args = parser.parse_args(argv)
     grid = load_yaml(args.grid)
-    train = grid.get("train", {})
+    train = {**grid.get("train", {}), **({"threads": args.threads} if args.threads else {})}
     results: dict[str, list[dict]] = {}
     for dname, data in grid["datasets"].items():
         if args.datasets and dname not in args.datasets:
@@ -100,10 +114,12 @@ def main(argv: list[str] | None = None) -> int:
     text = "".join(table(d, rows) for d, rows in results.items())
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.grid.stem
+    stem = args.grid.stem + (f"-{'-'.join(args.datasets)}" if args.datasets else "") + (
+        f"-{'-'.join(args.only)}" if args.only else "")
     (args.out / f"{stem}.md").write_text(text + "\n")
     (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
-    log_to_mlflow(stem, results)
+    if not args.no_mlflow:
+        log_to_mlflow(stem, results)
     return 0
 
 

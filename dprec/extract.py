@@ -45,7 +45,8 @@ def _extract_parser() -> argparse.ArgumentParser:
     g.add_argument("--text-model", default="smollm2", help="smollm2 | minilm | HF id | local folder | none")
     g.add_argument("--text-revision", default=None)
     g.add_argument("--pooling", default="auto", choices=("auto", "last", "mean"))
-    g.add_argument("--prompt-template", default=None, help="with {item} or {title} {brand} {categories} {description}")
+    g.add_argument("--prompt-template", default=None,
+                   help="with {item}, {title} {brand} {categories} {description}, or attributes of items.extra")
     g.add_argument("--max-length", type=int, default=None, help="tokens per item (default 512; minilm 256)")
     g.add_argument("--max-chars", type=int, default=20_000, help="characters kept per text field")
     g.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None, help="L2-normalise text vectors")

@@ -114,3 +114,16 @@ def test_early_stopping_reads_test_once_at_best_epoch(dataset_dir, tmp_path):
     valid = [h["valid_recall@20"] for h in result["history"]]
     assert result["best_epoch"] == int(np.argmax(valid))
     assert len(valid) - 1 - result["best_epoch"] == 3 or len(valid) == 40
+
+
+def test_lr_step_decay_is_a_function_of_the_epoch(dataset_dir, tmp_path):
+    trainer = Trainer(run_cfg(dataset_dir, tmp_path, epochs=5, lr=0.04, lr_decay=0.5, lr_decay_every=2))
+    seen = []
+    original = trainer.train_epoch
+    trainer.train_epoch = lambda epoch: (original(epoch), seen.append(trainer.optimizer.param_groups[0]["lr"]))[0]
+    trainer.fit(log=lambda s: None)
+    assert seen == pytest.approx([0.04, 0.04, 0.02, 0.02, 0.01])
+    with pytest.raises(ValueError, match="lr_decay"):
+        TrainConfig(lr_decay=1.5)
+    plain = Trainer(run_cfg(dataset_dir, tmp_path, epochs=1))
+    assert plain.epoch_lr(999) == pytest.approx(0.01)  # no decay by default

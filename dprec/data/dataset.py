@@ -182,6 +182,30 @@ def content_hash(ds: Dataset) -> str:
     return h.hexdigest()
 
 
+def _json_scalar(value):
+    """JSON stand-in for values a loaded table does not hold but an in-memory one may (bytes in a text column)."""
+    return value.hex() if isinstance(value, (bytes, bytearray, memoryview)) else str(value)
+
+
+def items_hash(ds: Dataset) -> str:
+    """sha256 over the item catalogue alone (ids, text, image references and bytes, extra attributes).
+
+    Item features depend on nothing else, so two splits (or k-core filterings that keep every item)
+    of one catalogue share a feature set; the features' manifest records this hash.
+    """
+    h = hashlib.sha256()
+    for col in ("item_id", *ITEM_TEXT_FIELDS, "image_path", "image_url"):
+        h.update(col.encode())
+        h.update(json.dumps(ds.items[col].tolist(), ensure_ascii=False, default=_json_scalar).encode())
+    h.update(b"image_bytes")
+    for b in ds.items["image_bytes"]:
+        h.update(hashlib.sha256(b).digest())
+    if "extra" in ds.items:
+        h.update(b"extra")
+        h.update(json.dumps(ds.items["extra"].tolist(), ensure_ascii=False, default=_json_scalar).encode())
+    return h.hexdigest()
+
+
 def _atomic_write_bytes(path: Path, write) -> None:
     """Write through a temporary file in the same folder and rename, so a crash leaves no half file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from dprec.data.dataset import items_hash
 from dprec.features.image import ImageConfig, ImageEncoder, ResolvedImageModel, load_image, resolve_image_model
 from dprec.features.shards import FeatureSetWriter, ShardError, atomic_write, sha256_file, shard_ranges
 from dprec.features.text import (
@@ -330,6 +331,11 @@ class _Collector:
                 self.on_shard(entry)
 
 
+def dataset_spec(dataset: Any) -> dict[str, Any]:
+    """What the features depend on: the item catalogue (by hash) and its size, not the interactions or split."""
+    return {"name": dataset.name, "items_hash": items_hash(dataset), "n_items": dataset.n_items}
+
+
 def _load_dataset(folder: str):
     from dprec.data.dataset import load_dataset
 
@@ -339,7 +345,8 @@ def _load_dataset(folder: str):
 def _spec(dataset: Any, cfg: ExtractConfig, text: ResolvedTextModel | None, image: ResolvedImageModel | None):
     """(spec: what decides the numbers, provenance: where things were loaded from and how they ran)."""
     modalities: dict[str, Any] = {}
-    provenance: dict[str, Any] = {"executor": cfg.executor, "torch_threads": cfg.threads}
+    provenance: dict[str, Any] = {"executor": cfg.executor, "torch_threads": cfg.threads,
+                                  "dataset_content_hash": dataset.meta["content_hash"]}
     if text is not None:
         d = text.describe()
         provenance["text"] = {"load_path": d.pop("load_path"), "device": d.pop("device"), "batch_size": cfg.text.batch_size}
@@ -352,7 +359,7 @@ def _spec(dataset: Any, cfg: ExtractConfig, text: ResolvedTextModel | None, imag
         d.pop("extra")
         modalities["image"] = d
     spec = {
-        "dataset": {"name": dataset.name, "content_hash": dataset.meta["content_hash"], "n_items": dataset.n_items},
+        "dataset": dataset_spec(dataset),
         "items_per_shard": cfg.items_per_shard,
         "store_dtype": cfg.store_dtype,
         "modalities": modalities,
@@ -538,12 +545,12 @@ def import_mmrec(dataset_folder: str, out: str, text_feat: str | None = None, im
                          "revision": {"sha256": sha256_file(Path(path))}, "pooling": "precomputed",
                          "source_dtype": str(arr.dtype)}
     spec = {
-        "dataset": {"name": dataset.name, "content_hash": dataset.meta["content_hash"], "n_items": dataset.n_items},
+        "dataset": dataset_spec(dataset),
         "items_per_shard": items_per_shard,
         "store_dtype": store_dtype,
         "modalities": modalities,
     }
-    provenance = {"executor": "import-mmrec", **{m: {"load_path": str(Path(p).resolve())}
+    provenance = {"executor": "import-mmrec", "dataset_content_hash": dataset.meta["content_hash"], **{m: {"load_path": str(Path(p).resolve())}
                                                 for m, p in (("text", text_feat), ("image", image_feat)) if p}}
     writer = FeatureSetWriter(out, spec, provenance, overwrite=overwrite)
     items = written = 0

@@ -249,13 +249,13 @@ class FeatureSetWriter:
         return self.manifest
 
 
-def _dataset_hash(dataset: Any) -> tuple[str, int]:
-    """(content hash, item count) of a Dataset or a dataset folder."""
-    if isinstance(dataset, (str, Path)):
-        from dprec.data.dataset import load_dataset
+def _dataset_hashes(dataset: Any) -> tuple[dict[str, str], int]:
+    """({"items_hash", "content_hash"}, item count) of a Dataset or a dataset folder."""
+    from dprec.data.dataset import items_hash, load_dataset
 
+    if isinstance(dataset, (str, Path)):
         dataset = load_dataset(dataset)
-    return dataset.meta["content_hash"], dataset.n_items
+    return {"items_hash": items_hash(dataset), "content_hash": dataset.meta["content_hash"]}, dataset.n_items
 
 
 def read_shard(path: Path, entry: dict[str, Any], dims: dict[str, int]) -> tuple[dict[str, np.ndarray], list[dict]]:
@@ -314,14 +314,18 @@ def read_features(folder: str | Path, dataset: Any = None, verify: bool = True) 
     spec = manifest["spec"]
     n_items = spec["dataset"]["n_items"]
     if dataset is not None:
-        got_hash, got_items = _dataset_hash(dataset)
-        if got_hash != spec["dataset"]["content_hash"]:
-            raise ShardError(
-                f"{folder / MANIFEST}: features were extracted from dataset hash {spec['dataset']['content_hash'][:12]}..., "
-                f"this dataset has {got_hash[:12]}...; re-extract features for this dataset"
-            )
+        got, got_items = _dataset_hashes(dataset)
         if got_items != n_items:
             raise ShardError(f"{folder / MANIFEST}: {n_items} items in the features, {got_items} in the dataset")
+        # Features depend on the items alone: any split of the same catalogue reads them. Manifests
+        # written before items_hash existed carry the whole dataset's content hash instead.
+        kind = "items_hash" if "items_hash" in spec["dataset"] else "content_hash"
+        if got[kind] != spec["dataset"][kind]:
+            what = "items hash" if kind == "items_hash" else "content hash"
+            raise ShardError(
+                f"{folder / MANIFEST}: features were extracted from dataset {what} {spec['dataset'][kind][:12]}..., "
+                f"this dataset's is {got[kind][:12]}...; re-extract features for this dataset"
+            )
     dims = {m: int(d) for m, d in manifest["dims"].items()}
     entries = sorted(manifest["shards"], key=lambda e: e["shard"])
     ranges = shard_ranges(n_items, spec["items_per_shard"])

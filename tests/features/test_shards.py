@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import shutil
 import tarfile
 
 import numpy as np
@@ -12,7 +13,7 @@ import pandas as pd
 import pytest
 import webdataset as wds
 
-from dprec.data.dataset import make_dataset
+from dprec.data.dataset import items_hash, make_dataset
 from dprec.features.shards import (
     MANIFEST,
     FeatureSetWriter,
@@ -34,7 +35,7 @@ def tiny_dataset(name="tiny", n=N_ITEMS):
 
 
 def spec_of(ds, **kw):
-    return {"dataset": {"name": ds.name, "content_hash": ds.meta["content_hash"], "n_items": ds.n_items},
+    return {"dataset": {"name": ds.name, "items_hash": items_hash(ds), "n_items": ds.n_items},
             "items_per_shard": PER_SHARD, "store_dtype": "float32", "modalities": {"text": {"name": "t"}}} | kw
 
 
@@ -221,12 +222,35 @@ def test_reader_error_dataset_hash_mismatch(written):
     other = tiny_dataset("tiny")
     other.items.loc[3, "title"] = "changed"
     other = make_dataset("tiny", other.interactions, other.items, other.users)
-    with pytest.raises(ShardError, match=r"manifest.json: features were extracted from dataset hash"):
+    with pytest.raises(ShardError, match=r"manifest.json: features were extracted from dataset items hash"):
         read_features(folder, dataset=other)
     with pytest.raises(ShardError, match="items in the features"):
-        bigger = tiny_dataset(n=N_ITEMS + 1)
-        bigger.meta["content_hash"] = ds.meta["content_hash"]
-        read_features(folder, dataset=bigger)
+        read_features(folder, dataset=tiny_dataset(n=N_ITEMS + 1))
+
+
+def test_features_follow_the_catalogue_not_the_split(written):
+    """Another split of the same items (a different content hash) reads the same features."""
+    folder, ds = written
+    resplit = ds.interactions.copy()
+    resplit.loc[resplit.index[0], "split"] = 2
+    other = make_dataset(ds.name, resplit, ds.items, ds.users)
+    assert other.meta["content_hash"] != ds.meta["content_hash"]
+    np.testing.assert_array_equal(read_features(folder, dataset=other)["text"], read_features(folder)["text"])
+
+
+def test_manifest_without_items_hash_is_checked_by_content_hash(written, tmp_path):
+    """Feature folders written before items_hash existed: the whole dataset's content hash decides."""
+    folder, ds = written
+    legacy = tmp_path / "legacy"
+    shutil.copytree(folder, legacy)
+    manifest = load_manifest(legacy)
+    manifest["spec"]["dataset"] = {"name": ds.name, "content_hash": ds.meta["content_hash"], "n_items": ds.n_items}
+    write_manifest(legacy, manifest)
+    assert read_features(legacy, dataset=ds)["text"].shape[0] == ds.n_items
+    resplit = ds.interactions.copy()
+    resplit.loc[resplit.index[0], "split"] = 2
+    with pytest.raises(ShardError, match="dataset content hash"):
+        read_features(legacy, dataset=make_dataset(ds.name, resplit, ds.items, ds.users))
 
 
 def test_reader_error_pickled_member(written):

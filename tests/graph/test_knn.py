@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dprec.graph import available_backends
-from dprec.graph.knn import build_item_knn_graph, item_knn_edges, knn_neighbours
+from dprec.graph.knn import build_item_knn_graph, cache_stats, clear_knn_cache, item_knn_edges, knn_neighbours
 
 BACKENDS = [
     pytest.param("dgl", marks=pytest.mark.skipif("dgl" not in available_backends(), reason="DGL missing")),
@@ -56,8 +56,8 @@ def test_knn_equals_brute_force(seed: int, weighted: bool) -> None:
 @pytest.mark.parametrize("block_size", [1, 7, 59, 60, 1000])
 def test_block_size_does_not_change_the_graph(block_size: int) -> None:
     features = random_features(3)
-    reference = item_knn_edges(features, k=5, block_size=len(features))
-    rows, cols, values = item_knn_edges(features, k=5, block_size=block_size)
+    reference = item_knn_edges(features, k=5, block_size=len(features), cache=False)
+    rows, cols, values = item_knn_edges(features, k=5, block_size=block_size, cache=False)
     assert torch.equal(rows, reference[0]) and torch.equal(cols, reference[1])
     torch.testing.assert_close(values, reference[2], rtol=0, atol=1e-7)
 
@@ -92,3 +92,20 @@ def test_bad_input_is_named() -> None:
         knn_neighbours(np.ones(4))
     with pytest.raises(ValueError, match="NaN"):
         knn_neighbours(np.array([[1.0, np.nan], [1.0, 2.0]]))
+
+
+def test_cache_returns_the_same_graph_for_the_same_features_only() -> None:
+    clear_knn_cache()
+    features = random_features(5)
+    first = item_knn_edges(features, k=4)
+    again = item_knn_edges(features.copy(), k=4)  # equal values, another array: a hit
+    assert cache_stats == {"hits": 1, "misses": 1}
+    for a, b in zip(first, again, strict=True):
+        assert torch.equal(a, b)
+    changed = features.copy()
+    changed[0, 0] += 1.0
+    item_knn_edges(changed, k=4)
+    item_knn_edges(features, k=5)
+    assert cache_stats == {"hits": 1, "misses": 3}
+    uncached = item_knn_edges(changed, k=4, cache=False)
+    assert cache_stats["misses"] == 3 and not torch.equal(uncached[2], first[2])

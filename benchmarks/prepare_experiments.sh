@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Datasets and feature sets of the experiment grids (benchmarks/grids/*.yaml), from ../shared/data.
+#   bash benchmarks/prepare_experiments.sh [ml100k] [sports]      (default: both)
+# Writes data/<name>/ and data_shards/<catalogue>/<feature-set>/; a rerun skips finished work
+# (complete shards are kept). Each catalogue's features serve all its splits (items hash).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SHARED=${DPREC_SHARED_DATA:-../shared/data}
+PY=${PYTHON:-.venv/bin/python}
+export HF_HUB_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0 MLFLOW_DISABLE_TELEMETRY=true
+EXTRACT=("$PY" -m dprec.extract --image-model none --text-actors 1 --cpus-per-actor 2 --torch-threads 2)
+
+# one prompt per view; LLM prompts end PromptEOL-style so that the last token summarises the item
+LLM_A=$'This movie: "Title: {title}\nDescription: {description}" means in one word:"'
+LLM_B=$'This movie: "Genres: {categories}\nYear: {release_year}\nDirector: {director}\nCast: {cast}" means in one word:"'
+ENC_A=$'Title: {title}\nDescription: {description}'
+ENC_B=$'Genres: {categories}\nYear: {release_year}\nDirector: {director}\nCast: {cast}'
+
+ml100k() {
+  for split in random chrono; do
+    [ -f "data/ml-100k-$split/dataset.json" ] || "$PY" -m dprec.prepare table --preset ml-100k \
+      --root "$SHARED/ml-100k" --out "data/ml-100k-$split" --split "$split" --seed 0
+  done
+  "${EXTRACT[@]}" --dataset data/ml-100k-random --out data_shards/ml-100k/smollm2-a --text-model smollm2 --prompt-template "$LLM_A"
+  "${EXTRACT[@]}" --dataset data/ml-100k-random --out data_shards/ml-100k/smollm2-b --text-model smollm2 --prompt-template "$LLM_B"
+  "${EXTRACT[@]}" --dataset data/ml-100k-random --out data_shards/ml-100k/minilm-a --text-model minilm --prompt-template "$ENC_A"
+  "${EXTRACT[@]}" --dataset data/ml-100k-random --out data_shards/ml-100k/minilm-b --text-model minilm --prompt-template "$ENC_B"
+}
+
+sports() {
+  for split in chrono random; do
+    [ -f "data/sports-$split/dataset.json" ] || "$PY" -m dprec.prepare mmrec "$SHARED/amazon-sports" \
+      --user-sequence "$SHARED/amazon-sports/user_sequence.txt" --item-keywords "$SHARED/amazon-sports/item_keywords.txt" \
+      --out "data/sports-$split" --split "$split" --seed 0
+  done
+  # the reader puts the keywords into the description as "Keywords: rack, fenders, ..."
+  "${EXTRACT[@]}" --dataset data/sports-chrono --out data_shards/sports/smollm2-kw --text-model smollm2 \
+    --items-per-shard 1024 --prompt-template 'This product: "{description}" means in one word:"'
+
+}
+
+for target in "${@:-ml100k sports}"; do
+  for t in $target; do "$t"; done
+done
