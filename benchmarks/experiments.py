@@ -30,6 +30,7 @@ import numpy as np
 
 from dprec.config import from_dict, load_yaml
 from dprec.data.dataset import load_dataset
+from dprec.models import MODELS
 from dprec.train import RunConfig, Trainer, load_features, merge
 
 METRICS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
@@ -102,12 +103,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.datasets and dname not in args.datasets:
             continue
         ds = load_dataset(data["dataset"])
-        features, _ = load_features(data.get("features", {}), ds) if data.get("features") else ({}, {})
+        chosen = {m: spec for m, spec in grid["models"].items() if not args.only or m in args.only}
+        # ID-only models (LightGCN) run before the features exist; the others need them loaded
+        wanted = data.get("features") and any(MODELS[spec["name"]][0].uses_features for spec in chosen.values())
+        features, _ = load_features(data["features"], ds) if wanted else ({}, {})
         print(f"== {dname}: {ds.n_users} users, {ds.n_items} items, views {sorted(features)}", flush=True)
         rows = []
-        for mname, spec in grid["models"].items():
-            if args.only and mname not in args.only:
-                continue
+        for mname, spec in chosen.items():
             rows.append(run_model(mname, merge(spec, data.get("model_overrides", {}).get(mname, {})),
                                   data, train, args.seeds, ds, features))
         results[dname] = rows

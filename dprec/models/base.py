@@ -34,6 +34,8 @@ class ModelContext:
 
 class Recommender(nn.Module, ABC):
     trainable = True
+    uses_features = True
+    """False for models that never read item features (ID-only), so callers can skip loading them."""
 
     def __init__(self, ctx: ModelContext) -> None:
         super().__init__()

@@ -36,6 +36,8 @@ class LightGCNConfig:
 
 
 class LightGCN(Recommender):
+    uses_features = False
+
     def __init__(self, cfg: LightGCNConfig, ctx: ModelContext) -> None:
         super().__init__(ctx)
         self.cfg = cfg

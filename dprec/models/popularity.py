@@ -16,6 +16,7 @@ class PopularityConfig:
 
 
 class Popularity(Recommender):
+    uses_features = False
     trainable = False
 
     def __init__(self, cfg: PopularityConfig, ctx: ModelContext) -> None:
