@@ -12,7 +12,7 @@ features of modality ("view") m, d the embedding size. Each numbered part has a 
                    G_m = (H H^T)^L H_id with H = [A_m(users) ; A_m(items)]  (``dprec.graph.hypergraph_conv``)
    Alignment       InfoNCE, in-batch over the batch's distinct users and positive items:
                    node (modality a vs b of G_m), hyperedge (row k of H^T x under a vs b), behaviour (H_mm vs H_id)
-6. Prediction      e = H_id + H_mm + alpha * normalise(sum_m G_m);  score(u, i) = <e_u, e_i>
+6. Prediction      e = H_id + beta * H_mm + alpha * normalise(sum_m G_m);  score(u, i) = <e_u, e_i>
 7. Loss            BPR + lambda_align * (node + hyperedge + behaviour) + lambda_reg * L2(batch's ID embeddings)
 
 Defaults and where they come from (BENCHMARKS.md, "The relatives in more detail"):
@@ -109,6 +109,9 @@ class DPRecConfig:
     """Probability of keeping an incidence entry in training (dropout 1 - keep_rate on the hypergraph)."""
     alpha: float = 0.3
     """Weight of the normalised hypergraph view in the prediction (part 6)."""
+    beta: float = 1.0
+    """Weight of the content view H_mm in the prediction (part 6). H_mm is built from unit-norm
+    perspectives, so its scale is fixed; a smaller beta lets the ID view lead where content is weak."""
     align_tau: float = 0.2
     """InfoNCE temperature of every alignment level."""
     lambda_align: float = 0.01
@@ -156,7 +159,7 @@ class DPRecConfig:
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("n_ui_layers", "n_mm_layers", "alpha", "lambda_align", "lambda_reg"):
+        for name in ("n_ui_layers", "n_mm_layers", "alpha", "beta", "lambda_align", "lambda_reg"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("hyperedge_tau", "align_tau"):
@@ -421,10 +424,10 @@ class DPRec(Recommender):
         return views
 
     def predict_embeddings(self, views: DPRecViews) -> Tensor:
-        """Part 6: e = H_id + H_mm + alpha * normalise(sum_m G_m), for all N nodes."""
+        """Part 6: e = H_id + beta * H_mm + alpha * normalise(sum_m G_m), for all N nodes."""
         e = views.h_id
         if views.h_mm is not None:
-            e = e + views.h_mm
+            e = e + self.cfg.beta * views.h_mm
         if views.g_modality:
             e = e + self.cfg.alpha * F.normalize(sum(views.g_modality.values()), dim=1)
         return e

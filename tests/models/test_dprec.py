@@ -254,3 +254,14 @@ def test_learns_and_beats_popularity(fit_synthetic) -> None:
     assert bpr[-1] < 0.7 * bpr[0]
     assert result["valid"]["recall@20"] > popularity["valid"]["recall@20"] + 0.15
     assert result["test"]["recall@20"] > popularity["test"]["recall@20"] + 0.15
+
+
+def test_beta_weighs_the_content_view_in_the_prediction() -> None:
+    model = make_model(alpha=0.0, beta=0.25)
+    model.eval()
+    with torch.no_grad():
+        views = model()
+        e = model.predict_embeddings(views)
+    torch.testing.assert_close(e, views.h_id + 0.25 * views.h_mm)
+    with pytest.raises(ValueError, match="beta"):
+        DPRecConfig(beta=-1.0)
