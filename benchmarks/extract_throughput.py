@@ -2,10 +2,11 @@
 
 Items are the 1,682 movies: title (+ year, genres as categories) from ``ml-100k.item`` and the
 IMDb description from ``movielens100k_details.json``. For each model the bare loop and the Ray
-pipeline see the same texts, prompt, token limit, batch size and torch threads; the loop also
-sorts by token length, so the ratio measures the pipeline's overhead, not a batching trick.
+pipeline see the same texts, prompt, token limit, batching rule (``TextEncoder``: length-sorted,
+at most ``--batch-size`` items, padding at most ``TextConfig.max_padding``) and torch threads.
+The bare loop sorts the whole catalogue at once; the pipeline sorts within each shard.
 
-- ``bare``: tokenise, batch, forward, pool in one process (model load and prompt rendering not timed).
+- ``bare``: tokenise, batch, forward, pool in one process (model load not timed).
 - ``ray 1x2``: one text actor with 2 CPUs and 2 torch threads; ``ray 2x1``: two actors, 1 each.
   Steady-state items/s is measured from the moment the first wave of shards (one per actor)
   has landed at the driver to the last shard (actor start and model load excluded); ``e2e s``
@@ -15,6 +16,7 @@ sorts by token length, so the ratio measures the pipeline's overhead, not a batc
 
     python benchmarks/extract_throughput.py                       # both models, all 1,682 movies
     python benchmarks/extract_throughput.py --models minilm --limit 400
+    python benchmarks/extract_throughput.py --padding-only       # padded tokens of each batching
 """
 
 from __future__ import annotations
@@ -32,14 +34,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # local Ray on 127.0.0.1 only
 
-import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import psutil  # noqa: E402
 import torch  # noqa: E402
 
 from dprec.data.dataset import make_dataset, save_dataset  # noqa: E402
 from dprec.features.pipeline import ExtractConfig, run_extract  # noqa: E402
-from dprec.features.text import TextConfig, TextEncoder, render_item, resolve_text_model  # noqa: E402
+from dprec.features.text import TextConfig, TextEncoder, length_batches, resolve_text_model  # noqa: E402
 
 SHARED = Path(os.environ.get("DPREC_SHARED_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
 SEED = 0
@@ -105,28 +106,41 @@ class PeakRSS:
 
 
 def bare_loop(model: str, ds, batch_size: int, threads: int, cache: str | None) -> dict:
-    """The same model, prompt, token limit, batch and threads as the pipeline, in a plain loop."""
+    """The same model, prompt, token limit, batching rule and threads as the pipeline, in one process.
+
+    The whole catalogue is one unit, so its length-sorted batches pad less than a shard's do.
+    """
     torch.set_num_threads(threads)
     resolved = resolve_text_model(TextConfig(model=model, cache_dir=cache), "cpu")
-    enc = TextEncoder(resolved, batch_size)  # loaded before timing
-    tok, net = enc.tokenizer, enc.model
-    texts = [render_item({k: str(r[k]) for k in ("title", "brand", "categories", "description")},
-                         resolved.prompt_template) for _, r in ds.items.iterrows()]
-    pooled = []
+    enc = TextEncoder(resolved, batch_size, TextConfig().max_padding)  # loaded before timing
+    fields = [{k: str(r[k]) for k in ("title", "brand", "categories", "description")} for _, r in ds.items.iterrows()]
     t0 = time.perf_counter()  # tokenising is timed, as the pipeline's actors tokenise too
-    ids = [tok(t, truncation=True, max_length=resolved.max_length)["input_ids"] for t in texts]
-    order = np.argsort([len(x) for x in ids], kind="stable")
-    with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            batch = tok.pad({"input_ids": [ids[i] for i in order[start : start + batch_size]]}, return_tensors="pt")
-            hidden = net(**batch).last_hidden_state
-            mask = batch["attention_mask"].unsqueeze(-1).float()
-            if resolved.pooling == "last":
-                pooled.append(hidden[torch.arange(hidden.shape[0]), batch["attention_mask"].sum(1) - 1])
-            else:
-                pooled.append((hidden * mask).sum(1) / mask.sum(1))
+    ids = [enc.prompt_ids(f)[0] for f in fields]
+    enc.encode_ids(ids)
     seconds = time.perf_counter() - t0
     return {"items_per_s": len(ids) / seconds, "e2e_s": seconds, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def padded_tokens(model: str, ds, batch_size: int, items_per_shard: int, cache: str | None) -> list[tuple[str, int]]:
+    """Tokens the forward passes compute (batch size x longest prompt, summed) under each batching."""
+    resolved = resolve_text_model(TextConfig(model=model, cache_dir=cache), "cpu")
+    enc = TextEncoder(resolved, batch_size)
+    fields = [{k: str(r[k]) for k in ("title", "brand", "categories", "description")} for _, r in ds.items.iterrows()]
+    lengths = [len(enc.prompt_ids(f)[0]) for f in fields]
+
+    def cost(unit: int, max_padding: float) -> int:
+        total = 0
+        for start in range(0, len(lengths), unit):
+            part = lengths[start : start + unit]
+            total += sum(len(b) * max(part[i] for i in b) for b in length_batches(part, batch_size, max_padding))
+        return total
+
+    bound = TextConfig().max_padding
+    return [("real tokens", sum(lengths)), ("whole catalogue, fixed batches", cost(len(lengths), 1.0)),
+            (f"whole catalogue, padding <= {bound}", cost(len(lengths), bound)),
+            (f"{items_per_shard}-item shards, fixed batches", cost(items_per_shard, 1.0)),
+            (f"{items_per_shard}-item shards, padding <= {bound}", cost(items_per_shard, bound)),
+            ("256-item shards, fixed batches", cost(256, 1.0)), (f"256-item shards, padding <= {bound}", cost(256, bound))]
 
 
 def ray_run(model: str, dataset: Path, out: Path, actors: int, cpus: float, threads: int, batch_size: int,
@@ -153,7 +167,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--items-per-shard", type=int, default=64)
     p.add_argument("--model-cache", default=None)
+    p.add_argument("--padding-only", action="store_true", help="only count the padded tokens of each batching")
     a = p.parse_args(argv)
+    if a.padding_only:
+        with tempfile.TemporaryDirectory(prefix="dprec-bench-") as tmp:
+            ds = ml100k_dataset(Path(tmp) / "ml100k", a.limit)
+            for model in a.models:
+                for label, tokens in padded_tokens(model, ds, a.batch_size, a.items_per_shard, a.model_cache):
+                    print(f"{model:8} {label:40} {tokens:9,d}")
+        return
     import ray
 
     torch.manual_seed(SEED)

@@ -51,6 +51,8 @@ def _extract_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-chars", type=int, default=20_000, help="characters kept per text field")
     g.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None, help="L2-normalise text vectors")
     g.add_argument("--text-batch-size", type=int, default=16)
+    g.add_argument("--text-max-padding", type=float, default=0.1,
+                   help="close a text batch early when padding would exceed this fraction of its tokens")
     g.add_argument("--model-cache", default=None, help="cache for converted models (default ~/.cache/dprec/models)")
     g = p.add_argument_group("image")
     g.add_argument("--image-model", default="mobilenet_v2", help="mobilenet_v2 | .pth | HF id | local folder | none")
@@ -99,7 +101,8 @@ def config_from_args(a: argparse.Namespace) -> ExtractConfig:
     if a.text_model != "none":
         text = TextConfig(model=a.text_model, revision=a.text_revision, pooling=a.pooling,
                           prompt_template=a.prompt_template, max_length=a.max_length, max_chars=a.max_chars,
-                          normalize=a.normalize, batch_size=a.text_batch_size, dtype=a.model_dtype, device=a.device,
+                          normalize=a.normalize, batch_size=a.text_batch_size, max_padding=a.text_max_padding,
+                          dtype=a.model_dtype, device=a.device,
                           trust_remote_code=a.trust_remote_code, cache_dir=a.model_cache)
     image = None
     if a.image_model != "none":

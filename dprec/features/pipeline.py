@@ -207,10 +207,10 @@ def _node_id() -> str:
 class TextStage:
     """Ray Data callable class: loads the text model once; each call embeds whole shards."""
 
-    def __init__(self, resolved: ResolvedTextModel, batch_size: int, threads: int):
+    def __init__(self, resolved: ResolvedTextModel, batch_size: int, threads: int, max_padding: float = 1.0):
         _set_threads(threads)
         t0 = time.perf_counter()
-        self.encoder = TextEncoder(resolved, batch_size)
+        self.encoder = TextEncoder(resolved, batch_size, max_padding)
         print(f"[text] loaded {resolved.name} ({resolved.device}, {resolved.dtype}) in {time.perf_counter() - t0:.1f}s",
               flush=True)
 
@@ -349,7 +349,8 @@ def _spec(dataset: Any, cfg: ExtractConfig, text: ResolvedTextModel | None, imag
                                   "dataset_content_hash": dataset.meta["content_hash"]}
     if text is not None:
         d = text.describe()
-        provenance["text"] = {"load_path": d.pop("load_path"), "device": d.pop("device"), "batch_size": cfg.text.batch_size}
+        provenance["text"] = {"load_path": d.pop("load_path"), "device": d.pop("device"), "batch_size": cfg.text.batch_size,
+                              "max_padding": cfg.text.max_padding}
         d.pop("extra")
         modalities["text"] = d | {"max_chars": cfg.text.max_chars}
     if image is not None:
@@ -429,7 +430,8 @@ def _run_ray(cfg: ExtractConfig, units: list[pa.Table], text: ResolvedTextModel 
         if text is not None:
             ds = ds.map_batches(
                 TextStage, compute=ray.data.ActorPoolStrategy(size=cfg.text_actors),
-                fn_constructor_kwargs=dict(resolved=text, batch_size=cfg.text.batch_size, threads=cfg.threads),
+                fn_constructor_kwargs=dict(resolved=text, batch_size=cfg.text.batch_size, threads=cfg.threads,
+                                           max_padding=cfg.text.max_padding),
                 **common,
             )
         if image is not None:
@@ -447,7 +449,7 @@ def _run_local(cfg: ExtractConfig, units: list[pa.Table], text: ResolvedTextMode
                image: ResolvedImageModel | None, collector: _Collector) -> None:
     stages: list[Callable[[pa.Table], pa.Table]] = []
     if text is not None:
-        stages.append(TextStage(text, cfg.text.batch_size, cfg.threads))
+        stages.append(TextStage(text, cfg.text.batch_size, cfg.threads, cfg.text.max_padding))
     if image is not None:
         stages.append(ImageStage(image, cfg.image.batch_size, cfg.threads, cfg.image.fetch_urls, cfg.image.url_timeout))
     for unit in units:

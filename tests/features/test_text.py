@@ -15,6 +15,7 @@ from dprec.features.text import (
     TextModelError,
     clean_field,
     ensure_smollm2_cache,
+    length_batches,
     render_item,
     resolve_text_model,
 )
@@ -73,6 +74,23 @@ def test_config_validation():
         TextConfig(prompt_template="{price:>8}")
     assert TextConfig(prompt_template="{title} by {director} ({release_year})").extra_fields() == ["director",
                                                                                                   "release_year"]
+
+
+def test_length_batches_bound_padding_and_size():
+    lengths = [10, 50, 11, 12, 48, 9, 10, 49]
+    # fixed-size batches of 4 over the sorted order: one batch mixes 12 with 48, 49 -> much padding
+    assert length_batches(lengths, 4) == [[5, 0, 6, 2], [3, 4, 7, 1]]
+    # padding bounded by 10 %: the short and the long prompts are not batched together
+    batches = length_batches(lengths, 4, max_padding=0.1)
+    assert batches == [[5, 0, 6, 2], [3], [4, 7, 1]]
+    for b in batches:
+        longest, real = max(lengths[i] for i in b), sum(lengths[i] for i in b)
+        assert len(b) * longest - real <= 0.1 * len(b) * longest
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    assert length_batches([], 4, 0.1) == []
+    assert length_batches([7] * 5, 2, 0.0) == [[0, 1], [2, 3], [4]]
+    with pytest.raises(ValueError, match="max_padding"):
+        TextConfig(max_padding=1.5)
 
 
 def test_minilm_resolves_as_mean_pooled_encoder(minilm):
