@@ -97,6 +97,9 @@ class DPRecConfig:
     """Items per block when the kNN graph is built (memory: block x n_items floats); no effect on the result."""
     n_ii_layers: int = 1
     """Rounds over the item-item kNN graph, expansion perspective (part 3)."""
+    expand_ids: bool = False
+    """Expansion perspective also over the ID view: the item rows of H_id gain the mean over modalities of
+    Ŝ_m^L' E_items, the item ID embeddings propagated over the kNN graphs (FREEDOM's item-item convolution)."""
     n_hyperedges: int = 4
     """K: number of learnable hyperedges shared by all modalities (part 5)."""
     n_hyper_layers: int = 1
@@ -144,6 +147,7 @@ class DPRecConfig:
             "align_hyperedge",
             "align_behaviour",
             "knn_weighted",
+            "expand_ids",
         ):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
@@ -332,6 +336,7 @@ class DPRec(Recommender):
         # Every part below exists only when it is switched on, so a part that is off has no parameters at all.
         memory = self.has_content and cfg.use_memory
         expansion = self.has_content and cfg.use_expansion
+        self.expand_ids = expansion and cfg.expand_ids
         attend = self.has_content and cfg.fusion == "attention"
         self.user_mean = user_mean_graph(ctx) if memory or self.has_hypergraph else None
         self.user_block = user_item_block(ctx) if expansion else None
@@ -413,10 +418,21 @@ class DPRec(Recommender):
                 nodes, hyperedges = hypergraph_conv(incidence, nodes, self.backend)
             views.g_modality[name], views.hyperedges[name] = nodes, hyperedges
 
+    def _expanded_ids(self) -> Tensor:
+        """Mean over modalities of the item ID embeddings after n_ii_layers rounds over each kNN graph."""
+        total = 0
+        for name in self.view_names:
+            items = self.item_emb
+            for _ in range(self.cfg.n_ii_layers):
+                items = self.knn[name].propagate(items)
+            total = total + items
+        return total / len(self.view_names)
+
     def forward(self) -> DPRecViews:
-        views = DPRecViews(
-            h_id=lightgcn_propagate(self.ui_graph, torch.cat([self.user_emb, self.item_emb]), self.cfg.n_ui_layers)
-        )
+        h_id = lightgcn_propagate(self.ui_graph, torch.cat([self.user_emb, self.item_emb]), self.cfg.n_ui_layers)
+        if self.expand_ids:
+            h_id = torch.cat([h_id[: self.n_users], h_id[self.n_users :] + self._expanded_ids()])
+        views = DPRecViews(h_id=h_id)
         if self.has_content:
             self._content(views)
         if self.has_hypergraph:

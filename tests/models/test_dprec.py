@@ -113,6 +113,7 @@ def test_gradient_reaches_exactly_the_parts_switched_on(overrides: dict, views: 
         {"use_hypergraph": False},
         {"fusion": "sum"},
         {"knn_weighted": False},
+        {"expand_ids": True},
         {"n_mm_layers": 1},
         {"n_ii_layers": 2},
         {"n_hyper_layers": 2},
@@ -265,3 +266,18 @@ def test_beta_weighs_the_content_view_in_the_prediction() -> None:
     torch.testing.assert_close(e, views.h_id + 0.25 * views.h_mm)
     with pytest.raises(ValueError, match="beta"):
         DPRecConfig(beta=-1.0)
+
+
+def test_expand_ids_adds_the_knn_propagated_item_ids_to_the_id_view() -> None:
+    base, expanded = make_model(), make_model(expand_ids=True)
+    expanded.load_state_dict(base.state_dict())
+    base.eval(), expanded.eval()
+    with torch.no_grad():
+        h_base, h_exp = base().h_id, expanded().h_id
+        # the kNN graphs as dense matrices (propagating the identity), then the ID embeddings through them
+        knn = {m: expanded.knn[m].propagate(torch.eye(N_ITEMS)) for m in expanded.view_names}
+        dense = (knn["text"] @ expanded.item_emb + knn["image"] @ expanded.item_emb) / 2
+    torch.testing.assert_close(h_exp[:N_USERS], h_base[:N_USERS])
+    torch.testing.assert_close(h_exp[N_USERS:] - h_base[N_USERS:], dense, atol=1e-5, rtol=1e-5)
+    # part of the expansion perspective: off with it
+    assert not make_model(expand_ids=True, use_expansion=False).expand_ids
