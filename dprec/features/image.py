@@ -33,7 +33,7 @@ from PIL import Image
 
 from dprec.features import mobilenet
 from dprec.features.shards import sha256_file
-from dprec.features.text import hub_commit, resolve_device, resolve_dtype, weights_digest
+from dprec.features.text import pin_hf_model, resolve_device, resolve_dtype
 
 PROJECTION_MODEL_TYPES = ("clip", "siglip", "siglip2", "chinese_clip", "altclip")
 
@@ -105,15 +105,9 @@ def resolve_image_model(cfg: ImageConfig, device: str | None = None) -> Resolved
     from transformers import AutoConfig
 
     extra: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
-    local = Path(cfg.model).expanduser()
-    if local.is_dir():
-        load_path, name = str(local.resolve()), local.name
-        revision: dict[str, Any] = {"weights_sha256": weights_digest(local)}
-    else:
-        load_path, name = cfg.model, cfg.model
-        commit = hub_commit(cfg.model, cfg.revision)
-        revision = {"hub_id": cfg.model, "requested": cfg.revision or "main", "commit": commit}
-        extra["load_revision"] = commit or cfg.revision
+    name, load_path, revision, load_revision = pin_hf_model(cfg.model, cfg.revision)
+    if load_revision is not None:
+        extra["load_revision"] = load_revision
     try:
         config = AutoConfig.from_pretrained(
             load_path, revision=extra.get("load_revision"), trust_remote_code=cfg.trust_remote_code

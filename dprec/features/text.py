@@ -276,6 +276,16 @@ def hub_commit(repo: str, revision: str | None) -> str | None:
     return ref.read_text().strip() if ref.is_file() else None
 
 
+def pin_hf_model(model: str, revision: str | None) -> tuple[str, str, dict[str, Any], str | None]:
+    """(name, load path, revision record, revision to load) of a local model folder or a hub id."""
+    local = Path(model).expanduser()
+    if local.is_dir():
+        local = local.resolve()
+        return local.name, str(local), {"weights_sha256": weights_digest(local)}, None
+    commit = hub_commit(model, revision)
+    return model, model, {"hub_id": model, "requested": revision or "main", "commit": commit}, commit or revision
+
+
 def resolve_text_model(cfg: TextConfig, device: str | None = None) -> ResolvedTextModel:
     """Pin the model (path and weights hash or hub commit), pooling, template and dtype for this run."""
     from transformers import AutoConfig
@@ -292,16 +302,10 @@ def resolve_text_model(cfg: TextConfig, device: str | None = None) -> ResolvedTe
         name, load_path = "all-MiniLM-L6-v2", str(path)
         revision = {"weights_sha256": weights_digest(path)}
         preset = {"max_length": 256, "normalize": True}
-    elif Path(cfg.model).expanduser().is_dir():
-        path = Path(cfg.model).expanduser().resolve()
-        name, load_path = path.name, str(path)
-        revision = {"weights_sha256": weights_digest(path)}
-        preset = {"max_length": 512, "normalize": False}
     else:
-        name, load_path = cfg.model, cfg.model
-        commit = hub_commit(cfg.model, cfg.revision)
-        revision = {"hub_id": cfg.model, "requested": cfg.revision or "main", "commit": commit}
-        extra["load_revision"] = commit or cfg.revision
+        name, load_path, revision, load_revision = pin_hf_model(cfg.model, cfg.revision)
+        if load_revision is not None:
+            extra["load_revision"] = load_revision
         preset = {"max_length": 512, "normalize": False}
     try:
         config = AutoConfig.from_pretrained(
