@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Datasets and feature sets of the experiment grids (benchmarks/grids/*.yaml), from ../shared/data.
-#   bash benchmarks/prepare_experiments.sh [ml100k] [sports]      (default: both)
+#   bash benchmarks/prepare_experiments.sh [ml100k] [sports] [default]      (default: all three)
 # Writes data/<name>/ and data_shards/<catalogue>/<feature-set>/; a rerun skips finished work
 # (complete shards are kept). Each catalogue's features serve all its splits (items hash).
 set -euo pipefail
@@ -27,6 +27,13 @@ ml100k() {
   "${EXTRACT[@]}" --dataset data/ml-100k-random --out data_shards/ml-100k/minilm-b --text-model minilm --prompt-template "$ENC_B"
 }
 
+default() {
+  # the embedded default catalogue (text + PNG images); SmolLM2 text and MobileNetV2 image views, as the demo
+  [ -f data/default/dataset.json ] || "$PY" -m dprec.prepare synthetic --out data/default
+  "$PY" -m dprec.extract --dataset data/default --out data_shards/default/smollm2-mobilenet --text-model smollm2 \
+    --image-model mobilenet_v2 --text-actors 1 --image-actors 1 --cpus-per-actor 1 --torch-threads 1
+}
+
 sports() {
   for split in chrono random; do
     [ -f "data/sports-$split/dataset.json" ] || "$PY" -m dprec.prepare mmrec "$SHARED/amazon-sports" \
@@ -39,6 +46,6 @@ sports() {
 
 }
 
-for target in "${@:-ml100k sports}"; do
+for target in "${@:-ml100k sports default}"; do
   for t in $target; do "$t"; done
 done
