@@ -40,7 +40,7 @@ import torch  # noqa: E402
 
 from dprec.data.dataset import make_dataset, save_dataset  # noqa: E402
 from dprec.features.pipeline import ExtractConfig, run_extract  # noqa: E402
-from dprec.features.text import TextConfig, TextEncoder, length_batches, resolve_text_model  # noqa: E402
+from dprec.features.text import TEXT_FIELDS, TextConfig, TextEncoder, length_batches, resolve_text_model  # noqa: E402
 
 SHARED = Path(os.environ.get("DPREC_SHARED_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
 SEED = 0
@@ -105,6 +105,11 @@ class PeakRSS:
         self._thread.join()
 
 
+def item_fields(ds) -> list[dict[str, str]]:
+    """Each item's text fields, as the pipeline's work units carry them."""
+    return [{k: str(r[k]) for k in TEXT_FIELDS} for _, r in ds.items.iterrows()]
+
+
 def bare_loop(model: str, ds, batch_size: int, threads: int, cache: str | None) -> dict:
     """The same model, prompt, token limit, batching rule and threads as the pipeline, in one process.
 
@@ -113,7 +118,7 @@ def bare_loop(model: str, ds, batch_size: int, threads: int, cache: str | None) 
     torch.set_num_threads(threads)
     resolved = resolve_text_model(TextConfig(model=model, cache_dir=cache), "cpu")
     enc = TextEncoder(resolved, batch_size, TextConfig().max_padding)  # loaded before timing
-    fields = [{k: str(r[k]) for k in ("title", "brand", "categories", "description")} for _, r in ds.items.iterrows()]
+    fields = item_fields(ds)
     t0 = time.perf_counter()  # tokenising is timed, as the pipeline's actors tokenise too
     ids = [enc.prompt_ids(f)[0] for f in fields]
     enc.encode_ids(ids)
@@ -125,7 +130,7 @@ def padded_tokens(model: str, ds, batch_size: int, items_per_shard: int, cache: 
     """Tokens the forward passes compute (batch size x longest prompt, summed) under each batching."""
     resolved = resolve_text_model(TextConfig(model=model, cache_dir=cache), "cpu")
     enc = TextEncoder(resolved, batch_size)
-    fields = [{k: str(r[k]) for k in ("title", "brand", "categories", "description")} for _, r in ds.items.iterrows()]
+    fields = item_fields(ds)
     lengths = [len(enc.prompt_ids(f)[0]) for f in fields]
 
     def cost(unit: int, max_padding: float) -> int:

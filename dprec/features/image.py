@@ -106,8 +106,7 @@ def resolve_image_model(cfg: ImageConfig, device: str | None = None) -> Resolved
 
     extra: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
     name, load_path, revision, load_revision = pin_hf_model(cfg.model, cfg.revision)
-    if load_revision is not None:
-        extra["load_revision"] = load_revision
+    extra["load_revision"] = load_revision
     try:
         config = AutoConfig.from_pretrained(
             load_path, revision=extra.get("load_revision"), trust_remote_code=cfg.trust_remote_code

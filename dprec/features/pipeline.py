@@ -207,7 +207,7 @@ def _node_id() -> str:
 class TextStage:
     """Ray Data callable class: loads the text model once; each call embeds whole shards."""
 
-    def __init__(self, resolved: ResolvedTextModel, batch_size: int, threads: int, max_padding: float = 1.0):
+    def __init__(self, resolved: ResolvedTextModel, batch_size: int, threads: int, max_padding: float):
         _set_threads(threads)
         t0 = time.perf_counter()
         self.encoder = TextEncoder(resolved, batch_size, max_padding)

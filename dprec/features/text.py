@@ -304,8 +304,7 @@ def resolve_text_model(cfg: TextConfig, device: str | None = None) -> ResolvedTe
         preset = {"max_length": 256, "normalize": True}
     else:
         name, load_path, revision, load_revision = pin_hf_model(cfg.model, cfg.revision)
-        if load_revision is not None:
-            extra["load_revision"] = load_revision
+        extra["load_revision"] = load_revision
         preset = {"max_length": 512, "normalize": False}
     try:
         config = AutoConfig.from_pretrained(

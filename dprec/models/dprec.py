@@ -390,9 +390,14 @@ class DPRec(Recommender):
 
     def _expansion(self, name: str, items: Tensor) -> Tensor:
         """H_m^exp: n_ii_layers rounds over the kNN graph of F_m; users aggregate through the block of Â."""
+        items = self._over_knn(name, items)
+        return F.normalize(torch.cat([self.user_block.propagate(items), items]), dim=1)
+
+    def _over_knn(self, name: str, items: Tensor) -> Tensor:
+        """Ŝ_m^L' items: n_ii_layers rounds over the kNN graph of modality ``name``."""
         for _ in range(self.cfg.n_ii_layers):
             items = self.knn[name].propagate(items)
-        return F.normalize(torch.cat([self.user_block.propagate(items), items]), dim=1)
+        return items
 
     def _content(self, views: DPRecViews) -> None:
         """Parts 1-4: per-modality dual-perspective views H_m and the fused content view H_mm."""
@@ -420,13 +425,7 @@ class DPRec(Recommender):
 
     def _expanded_ids(self) -> Tensor:
         """Mean over modalities of the item ID embeddings after n_ii_layers rounds over each kNN graph."""
-        total = 0
-        for name in self.view_names:
-            items = self.item_emb
-            for _ in range(self.cfg.n_ii_layers):
-                items = self.knn[name].propagate(items)
-            total = total + items
-        return total / len(self.view_names)
+        return sum(self._over_knn(name, self.item_emb) for name in self.view_names) / len(self.view_names)
 
     def forward(self) -> DPRecViews:
         h_id = lightgcn_propagate(self.ui_graph, torch.cat([self.user_emb, self.item_emb]), self.cfg.n_ui_layers)
