@@ -37,9 +37,20 @@ def prepare(name: str, workdir: Path) -> Path:
 
 
 def run(config: Path, out: Path, procs: int, stage: int) -> dict:
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_accelerators", str(procs), "--master_addr",
-           "127.0.0.1", str(ROOT / "launchers" / "train.py"), "--config", str(config), "--deepspeed_config",
-           str(ROOT / "launchers" / f"zero{stage}.json"), "--set", f"out={out}"]
+    cmd = [
+        str(Path(sys.executable).parent / "deepspeed"),
+        "--num_accelerators",
+        str(procs),
+        "--master_addr",
+        "127.0.0.1",
+        str(ROOT / "launchers" / "train.py"),
+        "--config",
+        str(config),
+        "--deepspeed_config",
+        str(ROOT / "launchers" / f"zero{stage}.json"),
+        "--set",
+        f"out={out}",
+    ]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -48,9 +59,12 @@ def run(config: Path, out: Path, procs: int, stage: int) -> dict:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
     saved = json.loads((out / "metrics.json").read_text())
     hist = saved["history"]
-    return {"epoch_s": float(np.mean([h["train_seconds"] for h in hist[1:] or hist])),
-            "eval_s": float(np.mean([h["eval_seconds"] for h in hist])), "wall_s": wall,
-            "recall@20": saved["test"]["recall@20"]}
+    return {
+        "epoch_s": float(np.mean([h["train_seconds"] for h in hist[1:] or hist])),
+        "eval_s": float(np.mean([h["eval_seconds"] for h in hist])),
+        "wall_s": wall,
+        "recall@20": saved["test"]["recall@20"],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,10 +76,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     data = prepare(args.dataset, args.workdir)
     config = args.workdir / f"ds-{args.dataset}.yaml"
-    config.write_text(yaml.safe_dump({
-        "dataset": str(data), "model": {"name": args.model},
-        "train": {"epochs": args.epochs, "patience": args.epochs, "graph_backend": "dgl"},
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "dataset": str(data),
+                "model": {"name": args.model},
+                "train": {"epochs": args.epochs, "patience": args.epochs, "graph_backend": "dgl"},
+            }
+        )
+    )
     rows = []
     for procs in (1, 2):
         for stage in (0, 1, 2):
@@ -76,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     print("| processes | ZeRO | train s/epoch | eval s | launch wall s | test R@20 |")
     print("|---|---|---|---|---|---|")
     for procs, stage, r in rows:
-        print(f"| {procs} | {stage} | {r['epoch_s']:.2f} | {r['eval_s']:.2f} | {r['wall_s']:.0f} | {r['recall@20']:.4f} |")
+        print(
+            f"| {procs} | {stage} | {r['epoch_s']:.2f} | {r['eval_s']:.2f} | {r['wall_s']:.0f} | {r['recall@20']:.4f} |"
+        )
     return 0
 
 

@@ -45,8 +45,12 @@ def train_once(dataset: str, features: dict[str, np.ndarray], model: dict, train
     cfg = from_dict(RunConfig, {"dataset": dataset, "model": model, "train": {**train, "seed": seed}}, "experiment")
     t0 = time.perf_counter()
     result = Trainer(cfg, ds, features=features).fit(log=lambda line: None)
-    return {"valid": result["valid"], "test": result["test"], "best_epoch": result["best_epoch"],
-            "seconds": time.perf_counter() - t0}
+    return {
+        "valid": result["valid"],
+        "test": result["test"],
+        "best_epoch": result["best_epoch"],
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def run_model(name: str, spec: dict, data: dict, train: dict, seeds: list[int], ds, features) -> dict:
@@ -64,25 +68,38 @@ def run_model(name: str, spec: dict, data: dict, train: dict, seeds: list[int], 
     for point in search_points(spec.get("search", {})):
         r = train_once(data["dataset"], feats, {**model, **point}, train, seeds[0], ds)
         trials.append((r["valid"]["recall@20"], point, r))
-        print(f"    {name} {point or '(defaults)'}: valid R@20 {r['valid']['recall@20']:.4f} "
-              f"(best epoch {r['best_epoch']}, {r['seconds']:.0f} s)", flush=True)
+        print(
+            f"    {name} {point or '(defaults)'}: valid R@20 {r['valid']['recall@20']:.4f} "
+            f"(best epoch {r['best_epoch']}, {r['seconds']:.0f} s)",
+            flush=True,
+        )
     _, best_point, first = max(trials, key=lambda t: t[0])
     runs = [first] + [train_once(data["dataset"], feats, {**model, **best_point}, train, s, ds) for s in seeds[1:]]
     test = {m: [r["test"][m] for r in runs] for m in METRICS}
     summary = {m: (float(np.mean(v)), float(np.std(v))) for m, v in test.items()}
     print(f"  {name}: " + "  ".join(f"{m} {mu:.4f}±{sd:.4f}" for m, (mu, sd) in summary.items()), flush=True)
-    return {"model": name, "selected": best_point, "summary": summary, "runs": runs,
-            "seconds": float(np.mean([r["seconds"] for r in runs])),
-            "best_epoch": float(np.mean([r["best_epoch"] for r in runs]))}
+    return {
+        "model": name,
+        "selected": best_point,
+        "summary": summary,
+        "runs": runs,
+        "seconds": float(np.mean([r["seconds"] for r in runs])),
+        "best_epoch": float(np.mean([r["best_epoch"] for r in runs])),
+    }
 
 
 def table(dataset: str, rows: list[dict]) -> str:
-    lines = [f"\n**{dataset}** (test, mean ± std over seeds; hyper-parameters selected on validation)\n",
-             "| model | R@10 | R@20 | N@10 | N@20 | best epoch | s/run | selected |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"\n**{dataset}** (test, mean ± std over seeds; hyper-parameters selected on validation)\n",
+        "| model | R@10 | R@20 | N@10 | N@20 | best epoch | s/run | selected |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for row in rows:
         cells = " | ".join(f"{mu:.4f} ± {sd:.4f}" for mu, sd in (row["summary"][m] for m in METRICS))
-        lines.append(f"| {row['model']} | {cells} | {row['best_epoch']:.0f} | {row['seconds']:.0f} | "
-                     f"{json.dumps(row['selected']) if row['selected'] else ''} |")
+        lines.append(
+            f"| {row['model']} | {cells} | {row['best_epoch']:.0f} | {row['seconds']:.0f} | "
+            f"{json.dumps(row['selected']) if row['selected'] else ''} |"
+        )
     return "\n".join(lines)
 
 
@@ -110,14 +127,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== {dname}: {ds.n_users} users, {ds.n_items} items, views {sorted(features)}", flush=True)
         rows = []
         for mname, spec in chosen.items():
-            rows.append(run_model(mname, merge(spec, data.get("model_overrides", {}).get(mname, {})),
-                                  data, train, args.seeds, ds, features))
+            rows.append(
+                run_model(
+                    mname,
+                    merge(spec, data.get("model_overrides", {}).get(mname, {})),
+                    data,
+                    train,
+                    args.seeds,
+                    ds,
+                    features,
+                )
+            )
         results[dname] = rows
     text = "".join(table(d, rows) for d, rows in results.items())
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.grid.stem + (f"-{'-'.join(args.datasets)}" if args.datasets else "") + (
-        f"-{'-'.join(args.only)}" if args.only else "")
+    stem = (
+        args.grid.stem
+        + (f"-{'-'.join(args.datasets)}" if args.datasets else "")
+        + (f"-{'-'.join(args.only)}" if args.only else "")
+    )
     (args.out / f"{stem}.md").write_text(text + "\n")
     (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
     if not args.no_mlflow:
@@ -129,8 +158,15 @@ def log_to_mlflow(stem: str, results: dict[str, list[dict]]) -> None:
     """One MLflow run per grid: the table (markdown, CSV) and a bar chart of test R@20."""
     from dprec.tracking import RunTracker
 
-    rows = [{"variant": f"{dataset}/{row['model']}", **{f"test_{m}": row["summary"][m][0] for m in METRICS},
-             **{f"std_{m}": row["summary"][m][1] for m in METRICS}} for dataset, grid in results.items() for row in grid]
+    rows = [
+        {
+            "variant": f"{dataset}/{row['model']}",
+            **{f"test_{m}": row["summary"][m][0] for m in METRICS},
+            **{f"std_{m}": row["summary"][m][1] for m in METRICS},
+        }
+        for dataset, grid in results.items()
+        for row in grid
+    ]
     tracker = RunTracker()
     tracker.start({"grid": stem}, run_name=f"grid-{stem}", experiment="dprec-experiments")
     tracker.log_grid(rows, label="variant", metric="test_recall@20", name=stem)

@@ -50,25 +50,38 @@ def ml100k_dataset(folder: Path, limit: int | None):
     root = SHARED / "ml-100k"
     movies = pd.read_csv(root / "ml-100k.item", sep="\t")
     movies.columns = [c.split(":")[0] for c in movies.columns]
-    details = {d["movie_id"]: d.get("description") or "" for d in json.loads((root / "movielens100k_details.json").read_text())}
+    details = {
+        d["movie_id"]: d.get("description") or "" for d in json.loads((root / "movielens100k_details.json").read_text())
+    }
     if limit:
         movies = movies.iloc[:limit]
-    items = pd.DataFrame({
-        "item_idx": range(len(movies)),
-        "item_id": movies["item_id"].astype(str),
-        "title": [f"{t} ({y})" if pd.notna(y) else str(t) for t, y in zip(movies["movie_title"], movies["release_year"],
-                                                                         strict=True)],
-        "categories": movies["class"].fillna("").str.replace(" ", "|"),
-        "description": [details.get(int(i), "") for i in movies["item_id"]],
-    })
+    items = pd.DataFrame(
+        {
+            "item_idx": range(len(movies)),
+            "item_id": movies["item_id"].astype(str),
+            "title": [
+                f"{t} ({y})" if pd.notna(y) else str(t)
+                for t, y in zip(movies["movie_title"], movies["release_year"], strict=True)
+            ],
+            "categories": movies["class"].fillna("").str.replace(" ", "|"),
+            "description": [details.get(int(i), "") for i in movies["item_id"]],
+        }
+    )
     inter = pd.read_csv(root / "ml-100k.inter", sep="\t")
     inter.columns = [c.split(":")[0] for c in inter.columns]
     index = {int(i): k for k, i in enumerate(movies["item_id"])}
     inter = inter[inter["item_id"].isin(index)]
     users = sorted(inter["user_id"].unique())
     uidx = {u: k for k, u in enumerate(users)}
-    interactions = pd.DataFrame({"user_idx": inter["user_id"].map(uidx), "item_idx": inter["item_id"].map(index),
-                                 "timestamp": inter["timestamp"].astype("int64"), "rating": inter["rating"], "split": 0})
+    interactions = pd.DataFrame(
+        {
+            "user_idx": inter["user_id"].map(uidx),
+            "item_idx": inter["item_id"].map(index),
+            "timestamp": inter["timestamp"].astype("int64"),
+            "rating": inter["rating"],
+            "split": 0,
+        }
+    )
     ds = make_dataset("ml-100k", interactions, items, pd.DataFrame({"user_idx": range(len(users)), "user_id": users}))
     save_dataset(ds, folder)
     return ds
@@ -123,7 +136,11 @@ def bare_loop(model: str, ds, batch_size: int, threads: int, cache: str | None) 
     ids = [enc.prompt_ids(f)[0] for f in fields]
     enc.encode_ids(ids)
     seconds = time.perf_counter() - t0
-    return {"items_per_s": len(ids) / seconds, "e2e_s": seconds, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {
+        "items_per_s": len(ids) / seconds,
+        "e2e_s": seconds,
+        "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
 
 
 def padded_tokens(model: str, ds, batch_size: int, items_per_shard: int, cache: str | None) -> list[tuple[str, int]]:
@@ -141,20 +158,39 @@ def padded_tokens(model: str, ds, batch_size: int, items_per_shard: int, cache: 
         return total
 
     bound = TextConfig().max_padding
-    return [("real tokens", sum(lengths)), ("whole catalogue, fixed batches", cost(len(lengths), 1.0)),
-            (f"whole catalogue, padding <= {bound}", cost(len(lengths), bound)),
-            (f"{items_per_shard}-item shards, fixed batches", cost(items_per_shard, 1.0)),
-            (f"{items_per_shard}-item shards, padding <= {bound}", cost(items_per_shard, bound)),
-            ("256-item shards, fixed batches", cost(256, 1.0)), (f"256-item shards, padding <= {bound}", cost(256, bound))]
+    return [
+        ("real tokens", sum(lengths)),
+        ("whole catalogue, fixed batches", cost(len(lengths), 1.0)),
+        (f"whole catalogue, padding <= {bound}", cost(len(lengths), bound)),
+        (f"{items_per_shard}-item shards, fixed batches", cost(items_per_shard, 1.0)),
+        (f"{items_per_shard}-item shards, padding <= {bound}", cost(items_per_shard, bound)),
+        ("256-item shards, fixed batches", cost(256, 1.0)),
+        (f"256-item shards, padding <= {bound}", cost(256, bound)),
+    ]
 
 
-def ray_run(model: str, dataset: Path, out: Path, actors: int, cpus: float, threads: int, batch_size: int,
-            items_per_shard: int, cache: str | None) -> dict:
+def ray_run(
+    model: str,
+    dataset: Path,
+    out: Path,
+    actors: int,
+    cpus: float,
+    threads: int,
+    batch_size: int,
+    items_per_shard: int,
+    cache: str | None,
+) -> dict:
     stamps: list[tuple[float, int]] = []
-    cfg = ExtractConfig(dataset=str(dataset), out=str(out), text=TextConfig(model=model, batch_size=batch_size,
-                                                                            cache_dir=cache),
-                        image=None, items_per_shard=items_per_shard, text_actors=actors, cpus_per_actor=cpus,
-                        torch_threads=threads)
+    cfg = ExtractConfig(
+        dataset=str(dataset),
+        out=str(out),
+        text=TextConfig(model=model, batch_size=batch_size, cache_dir=cache),
+        image=None,
+        items_per_shard=items_per_shard,
+        text_actors=actors,
+        cpus_per_actor=cpus,
+        torch_threads=threads,
+    )
     with PeakRSS() as mem:
         t0 = time.perf_counter()
         summary = run_extract(cfg, on_shard=lambda e: stamps.append((time.perf_counter(), e["count"])))
@@ -187,8 +223,9 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="dprec-bench-") as tmp:
         tmp = Path(tmp)
-        ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-                 log_to_driver=False)
+        ray.init(
+            address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False
+        )
         try:
             for model in a.models:
                 limit = a.smollm2_limit if model == "smollm2" and a.smollm2_limit else a.limit
@@ -202,17 +239,30 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append((model, "bare loop", "1 proc x 2 thr", ds.n_items, bare))
                 per_shard = min(a.items_per_shard, max(1, ds.n_items // 12))  # >= 12 shards for the steady state
                 for actors, cpus, threads in ((1, 2.0, 2), (2, 1.0, 1)):
-                    res = ray_run(model, folder, tmp / f"{model}-{actors}", actors, cpus, threads, a.batch_size,
-                                  per_shard, a.model_cache)
+                    res = ray_run(
+                        model,
+                        folder,
+                        tmp / f"{model}-{actors}",
+                        actors,
+                        cpus,
+                        threads,
+                        a.batch_size,
+                        per_shard,
+                        a.model_cache,
+                    )
                     rows.append((model, "ray pipeline", f"{actors} actor x {threads} thr", ds.n_items, res))
         finally:
             ray.shutdown()
-    print(f"\n{'model':8} {'runner':13} {'layout':16} {'items':>5} {'items/s':>8} {'ratio':>6} {'e2e s':>7} {'peak MB':>8}")
+    print(
+        f"\n{'model':8} {'runner':13} {'layout':16} {'items':>5} {'items/s':>8} {'ratio':>6} {'e2e s':>7} {'peak MB':>8}"
+    )
     base = {}
     for model, runner, layout, n, r in rows:
         base.setdefault(model, r["items_per_s"])
-        print(f"{model:8} {runner:13} {layout:16} {n:5d} {r['items_per_s']:8.1f} {r['items_per_s'] / base[model]:6.2f} "
-              f"{r['e2e_s']:7.1f} {r['peak_mb']:8.0f}")
+        print(
+            f"{model:8} {runner:13} {layout:16} {n:5d} {r['items_per_s']:8.1f} {r['items_per_s'] / base[model]:6.2f} "
+            f"{r['e2e_s']:7.1f} {r['peak_mb']:8.0f}"
+        )
 
 
 if __name__ == "__main__":

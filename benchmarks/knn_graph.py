@@ -58,8 +58,9 @@ def measure(args: argparse.Namespace, block_size: int) -> dict[str, float]:
         torch.cuda.reset_peak_memory_stats()
     before = resident_bytes()
     start = time.perf_counter()
-    graph = build_item_knn_graph(features, k=args.k, block_size=block_size, backend=args.backend, device=args.device,
-                                 cache=False)
+    graph = build_item_knn_graph(
+        features, k=args.k, block_size=block_size, backend=args.backend, device=args.device, cache=False
+    )
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start

@@ -42,13 +42,17 @@ def run_job(dataset_dir: str, model: dict, backend: str, epochs: int, patience: 
     """One configuration in this (fresh) process; returns metrics, timings and peak memory."""
     from dprec.train import RunConfig, TrainConfig, Trainer
 
-    cfg = RunConfig(dataset=dataset_dir, model=model,
-                    train=TrainConfig(epochs=epochs, patience=patience, seed=seed, graph_backend=backend))
+    cfg = RunConfig(
+        dataset=dataset_dir,
+        model=model,
+        train=TrainConfig(epochs=epochs, patience=patience, seed=seed, graph_backend=backend),
+    )
     t0 = time.perf_counter()
     trainer = Trainer(cfg)
     setup = time.perf_counter() - t0
-    result = trainer.fit(log=lambda line: print(f"  [{Path(dataset_dir).name} {model['name']} {backend}] {line}",
-                                                 flush=True))
+    result = trainer.fit(
+        log=lambda line: print(f"  [{Path(dataset_dir).name} {model['name']} {backend}] {line}", flush=True)
+    )
     hist = result["history"]
     return {
         "test": result["test"],
@@ -87,22 +91,28 @@ def main(argv: list[str] | None = None) -> int:
         lgcn = {"name": "lightgcn", "n_layers": args.layers}
         pop = in_fresh_process(data, {"name": "popularity"}, args.backend, 1, 1, args.seed)
         full = in_fresh_process(data, lgcn, args.backend, args.max_epochs, args.patience, args.seed)
-        timing = {b: in_fresh_process(data, lgcn, b, args.ratio_epochs, args.ratio_epochs, args.seed)
-                  for b in ("dgl", "torch")}
+        timing = {
+            b: in_fresh_process(data, lgcn, b, args.ratio_epochs, args.ratio_epochs, args.seed)
+            for b in ("dgl", "torch")
+        }
         ratio = timing["dgl"]["epoch_s"] / timing["torch"]["epoch_s"]
         rows.append((name, "popularity", pop, None))
         rows.append((name, f"LightGCN ({args.layers} layers, {args.backend})", full, ratio))
 
-    print("\n| dataset | model | R@10 | R@20 | N@10 | N@20 | published R@20 | R@20 ratio | best epoch | s/epoch | "
-          "eval s | peak MB | DGL/torch.sparse epoch time |")
+    print(
+        "\n| dataset | model | R@10 | R@20 | N@10 | N@20 | published R@20 | R@20 ratio | best epoch | s/epoch | "
+        "eval s | peak MB | DGL/torch.sparse epoch time |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, label, r, ratio in rows:
         t = r["test"]
         pub = PUBLISHED[name][1]
-        print(f"| {name} | {label} | {t['recall@10']:.4f} | {t['recall@20']:.4f} | {t['ndcg@10']:.4f} | "
-              f"{t['ndcg@20']:.4f} | {pub:.4f} | {t['recall@20'] / pub:.3f} | {r['best_epoch']} | "
-              f"{r['epoch_s']:.2f} | {r['eval_s']:.2f} | {r['peak_mb']:.0f} | "
-              f"{'' if ratio is None else f'{ratio:.2f}'} |")
+        print(
+            f"| {name} | {label} | {t['recall@10']:.4f} | {t['recall@20']:.4f} | {t['ndcg@10']:.4f} | "
+            f"{t['ndcg@20']:.4f} | {pub:.4f} | {t['recall@20'] / pub:.3f} | {r['best_epoch']} | "
+            f"{r['epoch_s']:.2f} | {r['eval_s']:.2f} | {r['peak_mb']:.0f} | "
+            f"{'' if ratio is None else f'{ratio:.2f}'} |"
+        )
     return 0
 
 

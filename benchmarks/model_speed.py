@@ -21,8 +21,9 @@ from multiprocessing import get_context
 import numpy as np
 
 
-def run_one(dataset: str, model: str, features: dict[str, str], views: int, dim: int, epochs: int,
-            threads: int) -> dict:
+def run_one(
+    dataset: str, model: str, features: dict[str, str], views: int, dim: int, epochs: int, threads: int
+) -> dict:
     from dprec.config import from_dict
     from dprec.data.dataset import load_dataset
     from dprec.train import RunConfig, Trainer, load_features
@@ -33,8 +34,11 @@ def run_one(dataset: str, model: str, features: dict[str, str], views: int, dim:
     else:
         rng = np.random.default_rng(0)
         feats = {f"v{i}": rng.standard_normal((ds.n_items, dim), dtype=np.float32) for i in range(views)}
-    cfg = from_dict(RunConfig, {"dataset": dataset, "model": {"name": model},
-                                "train": {"epochs": epochs, "threads": threads, "seed": 1}}, "speed")
+    cfg = from_dict(
+        RunConfig,
+        {"dataset": dataset, "model": {"name": model}, "train": {"epochs": epochs, "threads": threads, "seed": 1}},
+        "speed",
+    )
     t0 = time.perf_counter()
     trainer = Trainer(cfg, ds, features=feats)
     build = time.perf_counter() - t0
@@ -46,9 +50,14 @@ def run_one(dataset: str, model: str, features: dict[str, str], views: int, dim:
     t0 = time.perf_counter()
     trainer.evaluate("valid")
     evaluate = time.perf_counter() - t0
-    return {"model": model, "build_s": build, "epoch_s": float(np.mean(train)), "eval_s": evaluate,
-            "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "params": sum(p.numel() for p in trainer.model.parameters())}
+    return {
+        "model": model,
+        "build_s": build,
+        "epoch_s": float(np.mean(train)),
+        "eval_s": evaluate,
+        "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "params": sum(p.numel() for p in trainer.model.parameters()),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,8 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     base = next((r["epoch_s"] for r in rows if r["model"] == "lightgcn"), None)
     for r in rows:
         ratio = f"{r['epoch_s'] / base:.1f}" if base else ""
-        print(f"| {r['model']} | {r['params']:,} | {r['build_s']:.1f} | {r['epoch_s']:.1f} | {r['eval_s']:.1f} | "
-              f"{r['peak_mib']:.0f} | {ratio} |")
+        print(
+            f"| {r['model']} | {r['params']:,} | {r['build_s']:.1f} | {r['epoch_s']:.1f} | {r['eval_s']:.1f} | "
+            f"{r['peak_mib']:.0f} | {ratio} |"
+        )
     return 0
 
 

@@ -51,8 +51,12 @@ def train_and_register(store: Path, epochs: int):
     from dprec.registry import register_trainer
     from dprec.train import RunConfig, TrainConfig, Trainer
 
-    cfg = RunConfig(dataset="embedded-default", out=str(store / "run"), model={"name": "lightgcn"},
-                    train=TrainConfig(epochs=epochs, batch_size=1024, lr=0.01, graph_backend="torch"))
+    cfg = RunConfig(
+        dataset="embedded-default",
+        out=str(store / "run"),
+        model={"name": "lightgcn"},
+        train=TrainConfig(epochs=epochs, batch_size=1024, lr=0.01, graph_backend="torch"),
+    )
     trainer = Trainer(cfg, ds=generate())
     result = trainer.fit(log=lambda s: None)
     registration = register_trainer(trainer, result, uri=os.environ["MLFLOW_TRACKING_URI"])
@@ -67,8 +71,23 @@ def free_port() -> int:
 
 def start_server(model_uri: str, port: int, workers: int, log_path: Path) -> subprocess.Popen:
     """``mlflow models serve`` in its own process group (so that it and its workers stop together)."""
-    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
-               "-h", "127.0.0.1", "-p", str(port), "-w", str(workers)]
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "models",
+        "serve",
+        "-m",
+        model_uri,
+        "--env-manager",
+        "local",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(port),
+        "-w",
+        str(workers),
+    ]
     with log_path.open("w") as log:
         return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -133,8 +152,9 @@ def run_load(url: str, bodies: list[dict], clients: int) -> Row:
         t.join()
     wall = time.perf_counter() - start
     ms = np.array(latencies) * 1000
-    return Row(clients, len(bodies), errors[0], float(np.percentile(ms, 50)), float(np.percentile(ms, 99)),
-               len(bodies) / wall)
+    return Row(
+        clients, len(bodies), errors[0], float(np.percentile(ms, 50)), float(np.percentile(ms, 99)), len(bodies) / wall
+    )
 
 
 def request_bodies(user_ids: list[str], n: int, per_request: int, k: int, seed: int) -> list[dict]:
@@ -175,8 +195,10 @@ def main(argv: list[str] | None = None) -> int:
             rows = [run_load(url, bodies, clients) for clients in args.clients]
         finally:
             stop_server(server)
-    print(f"\n{args.users_per_request} user(s) per request, k = {args.k}, "
-          f"{trainer.ds.n_users} users x {trainer.ds.n_items} items, loopback\n")
+    print(
+        f"\n{args.users_per_request} user(s) per request, k = {args.k}, "
+        f"{trainer.ds.n_users} users x {trainer.ds.n_items} items, loopback\n"
+    )
     print("| clients | requests | errors | p50 ms | p99 ms | requests/s |")
     print("|---|---|---|---|---|---|")
     for r in rows:

@@ -68,37 +68,73 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     start = time.perf_counter()
     workdir, shards = (p if p.is_absolute() else ROOT / p for p in (args.workdir, args.shards))
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1",
-           "MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONPATH": str(ROOT)}
+    env = {
+        **os.environ,
+        "DS_ACCELERATOR": "cpu",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "HF_HUB_OFFLINE": "1",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "PYTHONPATH": str(ROOT),
+    }
     env.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{ROOT / 'mlflow.db'}")
     python = sys.executable
     data = workdir / "data" / "default"
 
-    run_step("1/5 prepare: embedded default dataset", [python, "-m", "dprec.prepare", "synthetic", "--out", str(data)], env)
-    extract = last_json(run_step("2/5 extract: text (SmolLM2) and image (MobileNetV2) features on Ray",
-                                 [python, "-m", "dprec.extract", "--dataset", str(data), "--out", str(shards)], env))
+    run_step(
+        "1/5 prepare: embedded default dataset", [python, "-m", "dprec.prepare", "synthetic", "--out", str(data)], env
+    )
+    extract = last_json(
+        run_step(
+            "2/5 extract: text (SmolLM2) and image (MobileNetV2) features on Ray",
+            [python, "-m", "dprec.extract", "--dataset", str(data), "--out", str(shards)],
+            env,
+        )
+    )
 
     config = workdir / f"{args.model}.yaml"
-    config.write_text(yaml.safe_dump({
-        "dataset": str(data), "out": str(workdir / "runs" / args.model),
-        "features": {"text": f"{shards}#text", "image": f"{shards}#image"},
-        "model": {"name": args.model},
-        "train": {"epochs": args.epochs, "patience": 10, "seed": args.seed},
-    }, sort_keys=False))
-    trained = last_json(run_step(
-        f"3/5 train: {args.model} with DeepSpeed on 2 local processes, tracked and registered in MLflow",
-        [str(Path(python).parent / "deepspeed"), "--num_accelerators", "2", "--master_addr", "127.0.0.1",
-         str(ROOT / "launchers" / "train.py"), "--config", str(config),
-         "--deepspeed_config", str(ROOT / "launchers" / "zero1.json")], env))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "dataset": str(data),
+                "out": str(workdir / "runs" / args.model),
+                "features": {"text": f"{shards}#text", "image": f"{shards}#image"},
+                "model": {"name": args.model},
+                "train": {"epochs": args.epochs, "patience": 10, "seed": args.seed},
+            },
+            sort_keys=False,
+        )
+    )
+    trained = last_json(
+        run_step(
+            f"3/5 train: {args.model} with DeepSpeed on 2 local processes, tracked and registered in MLflow",
+            [
+                str(Path(python).parent / "deepspeed"),
+                "--num_accelerators",
+                "2",
+                "--master_addr",
+                "127.0.0.1",
+                str(ROOT / "launchers" / "train.py"),
+                "--config",
+                str(config),
+                "--deepspeed_config",
+                str(ROOT / "launchers" / "zero1.json"),
+            ],
+            env,
+        )
+    )
     reg = trained["registration"]
-    run_step(f"4/5 consume: top-5 for user {args.user} from the registry",
-             [python, "-m", "dprec.recommend", "--model", "models:/dprec-default@champion", "--user", args.user,
-              "--k", "5"], env)
+    run_step(
+        f"4/5 consume: top-5 for user {args.user} from the registry",
+        [python, "-m", "dprec.recommend", "--model", "models:/dprec-default@champion", "--user", args.user, "--k", "5"],
+        env,
+    )
 
     print("\n== 5/5 compare: popularity and LightGCN on the same split (in-process)", flush=True)
-    rows = {"popularity": baseline({"name": "popularity"}, data, args.seed),
-            "lightgcn": baseline({"name": "lightgcn"}, data, args.seed),
-            f"{args.model} (DeepSpeed, 2 processes)": trained["test"]}
+    rows = {
+        "popularity": baseline({"name": "popularity"}, data, args.seed),
+        "lightgcn": baseline({"name": "lightgcn"}, data, args.seed),
+        f"{args.model} (DeepSpeed, 2 processes)": trained["test"],
+    }
     print("\n| model | test R@10 | R@20 | N@10 | N@20 |")
     print("|---|---|---|---|---|")
     for name, t in rows.items():
@@ -106,10 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     uri = env["MLFLOW_TRACKING_URI"]
     total = time.perf_counter() - start
     print(f"""
-features      {shards} ({extract.get('items')} items, {extract.get('seconds')} s)
-run folder    {trained['run']}
-MLflow run    {trained['tracking_run_id']} in {uri}
-registered    {reg['name']} version {reg['version']} -> @{reg['alias']} (champion: version {reg['champion']})
+features      {shards} ({extract.get("items")} items, {extract.get("seconds")} s)
+run folder    {trained["run"]}
+MLflow run    {trained["tracking_run_id"]} in {uri}
+registered    {reg["name"]} version {reg["version"]} -> @{reg["alias"]} (champion: version {reg["champion"]})
 look at it    mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000
 demo time     {total:.0f} s""")
     print(json.dumps({"demo_seconds": round(total, 1), **{n: format_metrics(t) for n, t in rows.items()}}))

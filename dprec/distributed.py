@@ -42,12 +42,17 @@ def complete_deepspeed_config(ds_config: dict[str, Any], cfg: RunConfig, world: 
     batch = cfg.train.batch_size
     if batch % world:
         raise ConfigError(f"train.batch_size={batch} must be divisible by the number of processes ({world})")
-    want = {"train_batch_size": batch, "train_micro_batch_size_per_gpu": batch // world,
-            "gradient_accumulation_steps": 1}
+    want = {
+        "train_batch_size": batch,
+        "train_micro_batch_size_per_gpu": batch // world,
+        "gradient_accumulation_steps": 1,
+    }
     for key, value in want.items():
         if key in out and out[key] != value:
-            raise ConfigError(f"deepspeed config {key}={out[key]} contradicts the run config (expected {value}); "
-                              f"remove it from the JSON: it is derived from train.batch_size")
+            raise ConfigError(
+                f"deepspeed config {key}={out[key]} contradicts the run config (expected {value}); "
+                f"remove it from the JSON: it is derived from train.batch_size"
+            )
         out[key] = value
     optimizer = out.setdefault("optimizer", {"type": "Adam", "params": {"torch_adam": True}})
     params = optimizer.setdefault("params", {})
@@ -62,8 +67,15 @@ def complete_deepspeed_config(ds_config: dict[str, Any], cfg: RunConfig, world: 
 class DeepSpeedTrainer(Trainer):
     """The Trainer with DeepSpeed's engine as optimiser and torch.distributed for evaluation sums."""
 
-    def __init__(self, cfg: RunConfig, ds_config: dict[str, Any], out: str | Path, save_every: int = 5,
-                 ds: Dataset | None = None, features: dict[str, np.ndarray] | None = None):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        ds_config: dict[str, Any],
+        out: str | Path,
+        save_every: int = 5,
+        ds: Dataset | None = None,
+        features: dict[str, np.ndarray] | None = None,
+    ):
         import deepspeed
         import torch.distributed as dist
         from deepspeed.accelerator import get_accelerator
@@ -87,8 +99,9 @@ class DeepSpeedTrainer(Trainer):
 
         self.model.to_device(self.device)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        self.engine, optimizer, _, _ = deepspeed.initialize(model=self.model, model_parameters=params,
-                                                            config=self.ds_config)
+        self.engine, optimizer, _, _ = deepspeed.initialize(
+            model=self.model, model_parameters=params, config=self.ds_config
+        )
         return optimizer
 
     def step(self, loss: torch.Tensor) -> None:
@@ -106,19 +119,24 @@ class DeepSpeedTrainer(Trainer):
             print(line, flush=True)
 
     def client_state(self, state: FitState) -> dict[str, Any]:
-        return {"fit_state": dataclasses.asdict(state), "best_state": self.best_state,
-                "tracking_run_id": getattr(self.tracker, "run_id", None)}
+        return {
+            "fit_state": dataclasses.asdict(state),
+            "best_state": self.best_state,
+            "tracking_run_id": getattr(self.tracker, "run_id", None),
+        }
 
     def on_epoch_end(self, state: FitState, improved: bool) -> None:
         super().on_epoch_end(state, improved)
         epoch = state.next_epoch - 1
         if improved:
-            self.engine.save_checkpoint(str(self.checkpoint_dir), tag="best",
-                                        client_state=self.client_state(state), save_latest=False)
+            self.engine.save_checkpoint(
+                str(self.checkpoint_dir), tag="best", client_state=self.client_state(state), save_latest=False
+            )
         last = state.stopped or state.next_epoch >= self.cfg.train.epochs
         if (epoch + 1) % self.save_every == 0 or last:
-            self.engine.save_checkpoint(str(self.checkpoint_dir), tag=f"epoch-{epoch:04d}",
-                                        client_state=self.client_state(state))
+            self.engine.save_checkpoint(
+                str(self.checkpoint_dir), tag=f"epoch-{epoch:04d}", client_state=self.client_state(state)
+            )
 
     def resume(self) -> FitState:
         """Load ``latest`` (weights, optimizer, loop state); raises if there is nothing to resume."""

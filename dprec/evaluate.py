@@ -179,7 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     run = load_run(args.run)
     metrics = run.evaluate(args.split, chunk_size=args.chunk_size)
-    print(json.dumps({k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v) for k, v in metrics.items()}))
+    print(
+        json.dumps({k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v) for k, v in metrics.items()})
+    )
     return 0
 
 

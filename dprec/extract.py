@@ -45,14 +45,21 @@ def _extract_parser() -> argparse.ArgumentParser:
     g.add_argument("--text-model", default="smollm2", help="smollm2 | minilm | HF id | local folder | none")
     g.add_argument("--text-revision", default=None)
     g.add_argument("--pooling", default="auto", choices=("auto", "last", "mean"))
-    g.add_argument("--prompt-template", default=None,
-                   help="with {item}, {title} {brand} {categories} {description}, or attributes of items.extra")
+    g.add_argument(
+        "--prompt-template",
+        default=None,
+        help="with {item}, {title} {brand} {categories} {description}, or attributes of items.extra",
+    )
     g.add_argument("--max-length", type=int, default=None, help="tokens per item (default 512; minilm 256)")
     g.add_argument("--max-chars", type=int, default=20_000, help="characters kept per text field")
     g.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None, help="L2-normalise text vectors")
     g.add_argument("--text-batch-size", type=int, default=16)
-    g.add_argument("--text-max-padding", type=float, default=0.1,
-                   help="close a text batch early when padding would exceed this fraction of its tokens")
+    g.add_argument(
+        "--text-max-padding",
+        type=float,
+        default=0.1,
+        help="close a text batch early when padding would exceed this fraction of its tokens",
+    )
     g.add_argument("--model-cache", default=None, help="cache for converted models (default ~/.cache/dprec/models)")
     g = p.add_argument_group("image")
     g.add_argument("--image-model", default="mobilenet_v2", help="mobilenet_v2 | .pth | HF id | local folder | none")
@@ -84,8 +91,10 @@ def _extract_parser() -> argparse.ArgumentParser:
 
 
 def _mmrec_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dprec.extract import-mmrec",
-                                description="MMRec text_feat.npy / image_feat.npy -> feature shards")
+    p = argparse.ArgumentParser(
+        prog="python -m dprec.extract import-mmrec",
+        description="MMRec text_feat.npy / image_feat.npy -> feature shards",
+    )
     p.add_argument("--dataset", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--text-feat", default=None)
@@ -99,22 +108,53 @@ def _mmrec_parser() -> argparse.ArgumentParser:
 def config_from_args(a: argparse.Namespace) -> ExtractConfig:
     text = None
     if a.text_model != "none":
-        text = TextConfig(model=a.text_model, revision=a.text_revision, pooling=a.pooling,
-                          prompt_template=a.prompt_template, max_length=a.max_length, max_chars=a.max_chars,
-                          normalize=a.normalize, batch_size=a.text_batch_size, max_padding=a.text_max_padding,
-                          dtype=a.model_dtype, device=a.device,
-                          trust_remote_code=a.trust_remote_code, cache_dir=a.model_cache)
+        text = TextConfig(
+            model=a.text_model,
+            revision=a.text_revision,
+            pooling=a.pooling,
+            prompt_template=a.prompt_template,
+            max_length=a.max_length,
+            max_chars=a.max_chars,
+            normalize=a.normalize,
+            batch_size=a.text_batch_size,
+            max_padding=a.text_max_padding,
+            dtype=a.model_dtype,
+            device=a.device,
+            trust_remote_code=a.trust_remote_code,
+            cache_dir=a.model_cache,
+        )
     image = None
     if a.image_model != "none":
-        image = ImageConfig(model=a.image_model, revision=a.image_revision, batch_size=a.image_batch_size,
-                            dtype=a.model_dtype, device=a.device, trust_remote_code=a.trust_remote_code,
-                            fetch_urls=a.fetch_urls, url_timeout=a.url_timeout)
-    return ExtractConfig(dataset=a.dataset, out=a.out, text=text, image=image, items_per_shard=a.items_per_shard,
-                         store_dtype=a.store_dtype, executor=a.executor, address=a.address,
-                         include_dashboard=a.include_dashboard, text_actors=a.text_actors, image_actors=a.image_actors,
-                         cpus_per_actor=a.cpus_per_actor, gpus_per_actor=a.gpus_per_actor, torch_threads=a.torch_threads,
-                         max_restarts=a.max_restarts, max_task_retries=a.max_task_retries, spread=not a.no_spread,
-                         overwrite=a.overwrite)
+        image = ImageConfig(
+            model=a.image_model,
+            revision=a.image_revision,
+            batch_size=a.image_batch_size,
+            dtype=a.model_dtype,
+            device=a.device,
+            trust_remote_code=a.trust_remote_code,
+            fetch_urls=a.fetch_urls,
+            url_timeout=a.url_timeout,
+        )
+    return ExtractConfig(
+        dataset=a.dataset,
+        out=a.out,
+        text=text,
+        image=image,
+        items_per_shard=a.items_per_shard,
+        store_dtype=a.store_dtype,
+        executor=a.executor,
+        address=a.address,
+        include_dashboard=a.include_dashboard,
+        text_actors=a.text_actors,
+        image_actors=a.image_actors,
+        cpus_per_actor=a.cpus_per_actor,
+        gpus_per_actor=a.gpus_per_actor,
+        torch_threads=a.torch_threads,
+        max_restarts=a.max_restarts,
+        max_task_retries=a.max_task_retries,
+        spread=not a.no_spread,
+        overwrite=a.overwrite,
+    )
 
 
 def main(argv: list[str] | None = None) -> RunSummary:
@@ -122,8 +162,9 @@ def main(argv: list[str] | None = None) -> RunSummary:
     try:
         if argv and argv[0] == "import-mmrec":
             a = _mmrec_parser().parse_args(argv[1:])
-            summary = import_mmrec(a.dataset, a.out, a.text_feat, a.image_feat, a.items_per_shard, a.store_dtype,
-                                   a.overwrite)
+            summary = import_mmrec(
+                a.dataset, a.out, a.text_feat, a.image_feat, a.items_per_shard, a.store_dtype, a.overwrite
+            )
         else:
             parser = _extract_parser()
             a = parser.parse_args(argv)

@@ -71,15 +71,20 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", choices=SPLIT_RULES, help="split rule (default: the source's)")
     parser.add_argument("--seed", type=int, help="seed of the random split (default 0)")
     parser.add_argument("--kcore", type=int, help="min interactions per user and item, iterated (1 = no filter)")
-    parser.add_argument("--keep-cold-items", action=argparse.BooleanOptionalAction, default=None,
-                        help="keep catalogue items without interactions")
+    parser.add_argument(
+        "--keep-cold-items",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="keep catalogue items without interactions",
+    )
     parser.add_argument("--strict", action="store_true", help="any skipped input is an error")
     parser.add_argument("--max-malformed", type=int, default=100, help="error above this many malformed lines")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m dprec.prepare", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m dprec.prepare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="source", required=True)
 
     mmrec = sub.add_parser("mmrec", help="an MMRec folder (<name>.inter with x_label)")
@@ -105,15 +110,25 @@ def _parser() -> argparse.ArgumentParser:
     table.add_argument("--items", help="item table path")
     table.add_argument("--items-format", help="item table format (default: from the extension)")
     table.add_argument("--item-key", help="item ID column of the item table")
-    table.add_argument("--item-field", action="append", default=[], metavar="FIELD=COL[,COL]",
-                       help="title/description/brand/categories/image_url/image_path from column(s)")
+    table.add_argument(
+        "--item-field",
+        action="append",
+        default=[],
+        metavar="FIELD=COL[,COL]",
+        help="title/description/brand/categories/image_url/image_path from column(s)",
+    )
     table.add_argument("--item-extra", action="append", default=[], metavar="COL", help="column kept in items.extra")
     table.add_argument("--categories-sep", help="split category cells on this string")
     table.add_argument("--image-template", help="image path under --root with {item_id}")
-    table.add_argument("--integer-user-ids", action="store_true", default=None,
-                       help="user IDs must be integers (others are malformed); '007' and '7' are one ID")
-    table.add_argument("--integer-item-ids", action="store_true", default=None,
-                       help="item IDs must be integers, in every table")
+    table.add_argument(
+        "--integer-user-ids",
+        action="store_true",
+        default=None,
+        help="user IDs must be integers (others are malformed); '007' and '7' are one ID",
+    )
+    table.add_argument(
+        "--integer-item-ids", action="store_true", default=None, help="item IDs must be integers, in every table"
+    )
 
     sub.add_parser("synthetic", help="the embedded seeded default dataset (dprec.data.synthetic)")
     for child in sub.choices.values():
@@ -128,23 +143,53 @@ def _table_overrides(args: argparse.Namespace) -> dict[str, Any]:
         if not sep or not cols:
             raise ConfigError(f"--item-field {item!r}: expected FIELD=COL or FIELD=COL1,COL2")
         fields[name] = cols.split(",") if "," in cols else cols
-    items = {"path": args.items, "format": args.items_format, "key": args.item_key, **fields,
-             "categories_sep": args.categories_sep, "image_template": args.image_template,
-             "extra": args.item_extra or None, "keep_all": args.keep_cold_items}
-    inter = {"path": args.interactions, "format": args.format, "user": args.user_col, "item": args.item_col,
-             "timestamp": args.time_col, "rating": args.rating_col, "split": args.split_col}
-    return {"interactions": inter, "items": items if any(v is not None for v in items.values()) else None,
-            "integer_user_ids": args.integer_user_ids, "integer_item_ids": args.integer_item_ids}
+    items = {
+        "path": args.items,
+        "format": args.items_format,
+        "key": args.item_key,
+        **fields,
+        "categories_sep": args.categories_sep,
+        "image_template": args.image_template,
+        "extra": args.item_extra or None,
+        "keep_all": args.keep_cold_items,
+    }
+    inter = {
+        "path": args.interactions,
+        "format": args.format,
+        "user": args.user_col,
+        "item": args.item_col,
+        "timestamp": args.time_col,
+        "rating": args.rating_col,
+        "split": args.split_col,
+    }
+    return {
+        "interactions": inter,
+        "items": items if any(v is not None for v in items.values()) else None,
+        "integer_user_ids": args.integer_user_ids,
+        "integer_item_ids": args.integer_item_ids,
+    }
 
 
 def read_source(args: argparse.Namespace, skips: SkipLog) -> RawData:
     """Dispatch to the reader of ``args.source``."""
     if args.source == "mmrec":
-        return read_mmrec(args.folder, skips, inter=args.inter, item_ids=args.item_ids, image_urls=args.image_urls,
-                          user_sequence=args.user_sequence, item_keywords=args.item_keywords)
+        return read_mmrec(
+            args.folder,
+            skips,
+            inter=args.inter,
+            item_ids=args.item_ids,
+            image_urls=args.image_urls,
+            user_sequence=args.user_sequence,
+            item_keywords=args.item_keywords,
+        )
     if args.source == "amazon":
-        return read_amazon(args.reviews, args.meta, skips, image_template=args.image_template,
-                           keep_cold_items=bool(args.keep_cold_items))
+        return read_amazon(
+            args.reviews,
+            args.meta,
+            skips,
+            image_template=args.image_template,
+            keep_cold_items=bool(args.keep_cold_items),
+        )
     spec = load_spec(args.preset, _table_overrides(args))
     if spec.items is None and args.keep_cold_items:
         raise ConfigError("--keep-cold-items needs an item table (--items or a preset with items)")
@@ -163,21 +208,32 @@ def prepare(args: argparse.Namespace) -> tuple[Dataset, SkipLog]:
         raw = read_source(args, skips)
         if args.name:
             raw.name = args.name
-        options = BuildOptions(split=args.split, seed=args.seed or 0, kcore=args.kcore,
-                               keep_cold_items=args.keep_cold_items)
+        options = BuildOptions(
+            split=args.split, seed=args.seed or 0, kcore=args.kcore, keep_cold_items=args.keep_cold_items
+        )
         ds = build_dataset(raw, options, skips)
-    ds.meta["prepare"] = {k: str(v) if isinstance(v, Path) else v for k, v in sorted(vars(args).items())
-                          if v not in (None, [], False) and k != "out"}
+    ds.meta["prepare"] = {
+        k: str(v) if isinstance(v, Path) else v
+        for k, v in sorted(vars(args).items())
+        if v not in (None, [], False) and k != "out"
+    }
     save_dataset(ds, args.out)
     return ds, skips
 
 
 def summary(ds: Dataset, out: Path, seconds: float) -> dict[str, Any]:
     per = ds.meta["n_per_split"]
-    return {"dataset": ds.name, "out": str(out), "users": ds.n_users, "items": ds.n_items,
-            "interactions": {"train": per["0"], "valid": per["1"], "test": per["2"]},
-            "skipped": ds.meta.get("skipped", {}), "kcore_removed": ds.meta.get("kcore_removed_interactions", 0),
-            "content_hash": ds.meta["content_hash"], "seconds": round(seconds, 2)}
+    return {
+        "dataset": ds.name,
+        "out": str(out),
+        "users": ds.n_users,
+        "items": ds.n_items,
+        "interactions": {"train": per["0"], "valid": per["1"], "test": per["2"]},
+        "skipped": ds.meta.get("skipped", {}),
+        "kcore_removed": ds.meta.get("kcore_removed_interactions", 0),
+        "content_hash": ds.meta["content_hash"],
+        "seconds": round(seconds, 2),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,8 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True, help="model URI, e.g. models:/dprec-default@champion")
     parser.add_argument("--user", action="append", required=True, help="original user ID; repeat for several users")
     parser.add_argument("--k", type=int, default=10, help="items per user (default 10)")
-    parser.add_argument("--unknown-user", choices=UNKNOWN_USER_POLICIES,
-                        help="override the registered policy for users the model has not seen")
+    parser.add_argument(
+        "--unknown-user",
+        choices=UNKNOWN_USER_POLICIES,
+        help="override the registered policy for users the model has not seen",
+    )
     args = parser.parse_args(argv)
     mlflow.set_tracking_uri(tracking_uri())
     model_config = {"unknown_user": args.unknown_user} if args.unknown_user else None

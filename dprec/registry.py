@@ -94,7 +94,9 @@ def export_bundle(trainer: Trainer, result: Mapping[str, Any], folder: str | Pat
     tensors = {"user": user.detach().float().cpu().contiguous(), "item": item.detach().float().cpu().contiguous()}
     save_file(tensors, folder / BUNDLE_FILES["embeddings"])
     sets = trainer.train_sets
-    np.savez(folder / BUNDLE_FILES["train_items"], indptr=sets.indptr.astype(np.int64), indices=sets.indices.astype(np.int64))
+    np.savez(
+        folder / BUNDLE_FILES["train_items"], indptr=sets.indptr.astype(np.int64), indices=sets.indices.astype(np.int64)
+    )
     np.save(folder / BUNDLE_FILES["popularity"], np.bincount(sets.indices, minlength=sets.n_items).astype(np.int64))
     ds = trainer.ds
     ids = {"user_ids": ds.users["user_id"].astype(str).tolist(), "item_ids": ds.items["item_id"].astype(str).tolist()}
@@ -102,8 +104,12 @@ def export_bundle(trainer: Trainer, result: Mapping[str, Any], folder: str | Pat
     config = {
         "format_version": 1,
         "model": trainer.cfg.as_dict()["model"],
-        "dataset": {"name": ds.name, "content_hash": ds.meta.get("content_hash", ""),
-                    "n_users": ds.n_users, "n_items": ds.n_items},
+        "dataset": {
+            "name": ds.name,
+            "content_hash": ds.meta.get("content_hash", ""),
+            "n_users": ds.n_users,
+            "n_items": ds.n_items,
+        },
         "embedding_dim": int(tensors["item"].shape[1]),
         "best_epoch": int(result["best_epoch"]),
         "valid": dict(result["valid"]),
@@ -117,8 +123,12 @@ def version_tags(config: Mapping[str, Any], run_id: str) -> dict[str, str]:
     """The tags a new version is created with: selection metric, test metrics, provenance."""
     tags = {metric_name(f"valid_{k}"): repr(float(v)) for k, v in config["valid"].items()}
     tags |= {metric_name(f"test_{k}"): repr(float(v)) for k, v in config["test"].items()}
-    tags |= {"dataset_hash": config["dataset"]["content_hash"], "model": config["model"]["name"],
-             "best_epoch": str(config["best_epoch"]), "run_id": run_id}
+    tags |= {
+        "dataset_hash": config["dataset"]["content_hash"],
+        "model": config["model"]["name"],
+        "best_epoch": str(config["best_epoch"]),
+        "run_id": run_id,
+    }
     return tags
 
 
@@ -131,8 +141,13 @@ def serving_signature() -> ModelSignature:
 
 def serving_requirements() -> list[str]:
     """What the pyfunc imports, pinned to this environment (no Ray, DeepSpeed, DGL or dprec)."""
-    versions = {"mlflow": mlflow.__version__, "torch": torch.__version__.split("+")[0], "numpy": np.__version__,
-                "pandas": pd.__version__, "safetensors": safetensors.__version__}
+    versions = {
+        "mlflow": mlflow.__version__,
+        "torch": torch.__version__.split("+")[0],
+        "numpy": np.__version__,
+        "pandas": pd.__version__,
+        "safetensors": safetensors.__version__,
+    }
     return [f"{name}=={version}" for name, version in versions.items()]
 
 
@@ -186,7 +201,10 @@ def log_and_register(
 
 
 def register_trainer(
-    trainer: Trainer, result: Mapping[str, Any], run_id: str | None = None, unknown_user: str = "error",
+    trainer: Trainer,
+    result: Mapping[str, Any],
+    run_id: str | None = None,
+    unknown_user: str = "error",
     uri: str | None = None,
 ) -> Registration:
     """Export ``trainer``'s model to a temporary bundle, log it into ``run_id`` and register it."""
@@ -241,8 +259,12 @@ def main(argv: list[str] | None = None) -> int:
     reg = sub.add_parser("register", help="log a bundle folder as a pyfunc and register it")
     reg.add_argument("--bundle", required=True, type=Path, help="folder written by export_bundle")
     reg.add_argument("--run-id", help="MLflow run to log the model into (default: a new run)")
-    reg.add_argument("--unknown-user", choices=UNKNOWN_USER_POLICIES, default="error",
-                     help="answer for users the model has not seen: an HTTP 400 error or the popularity list")
+    reg.add_argument(
+        "--unknown-user",
+        choices=UNKNOWN_USER_POLICIES,
+        default="error",
+        help="answer for users the model has not seen: an HTTP 400 error or the popularity list",
+    )
     settle = sub.add_parser("settle", help="recompute @champion / @challenger of a registered model")
     settle.add_argument("--name", required=True, help="registered model name, e.g. dprec-default")
     args = parser.parse_args(argv)

@@ -108,18 +108,24 @@ class DPRecRecommender(PythonModel):
         self.unknown_user = config.get("unknown_user", "error")
         self.default_k = min(int(config.get("default_k", DEFAULT_K)), len(self.item_ids))
         if self.unknown_user not in UNKNOWN_USER_POLICIES:
-            raise MlflowException(f"model config unknown_user must be one of {UNKNOWN_USER_POLICIES}, got {self.unknown_user!r}")
+            raise MlflowException(
+                f"model config unknown_user must be one of {UNKNOWN_USER_POLICIES}, got {self.unknown_user!r}"
+            )
         shapes = (len(self.user_index), len(self.indptr) - 1, self.user_emb.shape[0])
         item_shapes = (self.item_emb.shape[0], len(self.item_ids), len(self.popularity))
         if len(set(shapes)) != 1 or len(set(item_shapes)) != 1:
             raise MlflowException(f"model artifacts disagree on sizes: users {shapes}, items {item_shapes}")
 
-    def predict(self, context: PythonModelContext, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+    def predict(
+        self, context: PythonModelContext, model_input: pd.DataFrame, params: dict | None = None
+    ) -> pd.DataFrame:
         users, ks = parse_request(model_input, self.default_k, len(self.item_ids))
         index = [self.user_index.get(user) for user in users]
         unknown = sorted({user for user, i in zip(users, index, strict=True) if i is None})
         if unknown and self.unknown_user == "error":
-            shown = ", ".join(repr(u) for u in unknown[:10]) + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
+            shown = ", ".join(repr(u) for u in unknown[:10]) + (
+                f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
+            )
             raise bad_request(
                 f"unknown user_id {shown}: the model knows the {len(self.user_index)} users of its training data "
                 f"(dataset {self.dataset!r}); register it with unknown_user='popularity' for a popularity fallback"

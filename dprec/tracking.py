@@ -249,9 +249,7 @@ class RunTracker:
         if self.active:
             self._log_metrics(numeric_items(row, skip=("epoch",)), step)
 
-    def log_test(
-        self, metrics: Mapping[str, float], best_epoch: int, valid: Mapping[str, float] | None = None
-    ) -> None:
+    def log_test(self, metrics: Mapping[str, float], best_epoch: int, valid: Mapping[str, float] | None = None) -> None:
         """Test metrics of the best validation epoch as ``test_*`` (step = best epoch); best valid as ``best_valid_*``."""
         if not self.active:
             return
@@ -282,7 +280,9 @@ class RunTracker:
             raise ValueError("log_grid: no rows")
         missing = [i for i, row in enumerate(rows) if label not in row or metric not in row]
         if missing:
-            raise ValueError(f"log_grid: row {missing[0]} lacks {label!r} or {metric!r}; keys are {sorted(rows[missing[0]])}")
+            raise ValueError(
+                f"log_grid: row {missing[0]} lacks {label!r} or {metric!r}; keys are {sorted(rows[missing[0]])}"
+            )
         with scratch_dir() as folder:
             (folder / f"{name}.md").write_text(markdown_table(rows), encoding="utf-8")
             (folder / f"{name}.csv").write_text(csv_text(rows), encoding="utf-8")

@@ -109,8 +109,13 @@ class RunConfig:
         return from_dict(cfg_cls, params, f"model ({self.model['name']})")
 
     def as_dict(self) -> dict[str, Any]:
-        return {"dataset": self.dataset, "out": self.out, "features": dict(self.features), "model": dict(self.model),
-                "train": to_dict(self.train)}
+        return {
+            "dataset": self.dataset,
+            "out": self.out,
+            "features": dict(self.features),
+            "model": dict(self.model),
+            "train": to_dict(self.train),
+        }
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
@@ -361,12 +366,19 @@ class Trainer:
                 row.update({f"valid_{k}": v for k, v in valid.items()}, eval_seconds=time.perf_counter() - t1)
                 improved = valid["recall@20"] > state.best_recall
                 if improved:
-                    state.best_epoch, state.best_recall, state.best_valid, state.waited = epoch, valid["recall@20"], valid, 0
+                    state.best_epoch, state.best_recall, state.best_valid, state.waited = (
+                        epoch,
+                        valid["recall@20"],
+                        valid,
+                        0,
+                    )
                     self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
                 else:
                     state.waited += 1
-                log(f"epoch {epoch:4d}  loss {losses.get('loss', float('nan')):.4f}  valid {format_metrics(valid)}  "
-                    f"train {row['train_seconds']:.2f}s eval {row['eval_seconds']:.2f}s")
+                log(
+                    f"epoch {epoch:4d}  loss {losses.get('loss', float('nan')):.4f}  valid {format_metrics(valid)}  "
+                    f"train {row['train_seconds']:.2f}s eval {row['eval_seconds']:.2f}s"
+                )
             state.history.append(row)
             state.next_epoch = epoch + 1
             if state.waited >= tc.patience:
@@ -407,8 +419,13 @@ def _finalizing(evaluate):
     return lambda split, **kw: finalize(evaluate(split, **kw))
 
 
-def tracked_fit(trainer: Trainer, state: FitState | None = None, resume_run_id: str | None = None,
-                register: bool = True, deepspeed_config: dict[str, Any] | None = None) -> dict[str, Any]:
+def tracked_fit(
+    trainer: Trainer,
+    state: FitState | None = None,
+    resume_run_id: str | None = None,
+    register: bool = True,
+    deepspeed_config: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """``fit`` inside an MLflow run (rank 0 writes): config, curves, test metrics, model registration.
 
     Returns the fit result with ``tracking_run_id`` and, when registered, ``registration``
@@ -418,9 +435,14 @@ def tracked_fit(trainer: Trainer, state: FitState | None = None, resume_run_id: 
 
     tracker = RunTracker(enabled=trainer.rank == 0)
     trainer.tracker = tracker
-    tracker.start(trainer.cfg.as_dict(), run_name=trainer.cfg.model["name"], experiment=f"dprec-{trainer.ds.name}",
-                  resume_run_id=resume_run_id, deepspeed_config=deepspeed_config,
-                  feature_manifest=trainer.feature_manifests or None)
+    tracker.start(
+        trainer.cfg.as_dict(),
+        run_name=trainer.cfg.model["name"],
+        experiment=f"dprec-{trainer.ds.name}",
+        resume_run_id=resume_run_id,
+        deepspeed_config=deepspeed_config,
+        feature_manifest=trainer.feature_manifests or None,
+    )
     try:
         result = trainer.fit(state=state)
         tracker.log_test(result["test"], result["best_epoch"], valid=result["valid"])
@@ -431,23 +453,34 @@ def tracked_fit(trainer: Trainer, state: FitState | None = None, resume_run_id: 
     tracker.finish(result["history"])
     result["tracking_run_id"] = tracker.run_id
     if registration is not None:
-        result["registration"] = {k: getattr(registration, k) for k in ("name", "version", "alias", "champion",
-                                                                         "model_uri")}
+        result["registration"] = {
+            k: getattr(registration, k) for k in ("name", "version", "alias", "champion", "model_uri")
+        }
     return result
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dprec.train", description=__doc__.split("\n")[0])
     parser.add_argument("--config", type=Path, help="YAML run config (dataset, out, model, train)")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys, e.g. train.epochs=5")
+    parser.add_argument(
+        "--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys, e.g. train.epochs=5"
+    )
     parser.add_argument("--no-register", action="store_true", help="track the run but do not register the model")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.set)
     trainer = Trainer(cfg)
     result = tracked_fit(trainer, register=not args.no_register)
     out = save_run(trainer, result, cfg.out)
-    print(json.dumps({"run": str(out), "best_epoch": result["best_epoch"], "test": result["test"],
-                      "registration": result.get("registration")}))
+    print(
+        json.dumps(
+            {
+                "run": str(out),
+                "best_epoch": result["best_epoch"],
+                "test": result["test"],
+                "registration": result.get("registration"),
+            }
+        )
+    )
     return 0
 
 

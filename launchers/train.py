@@ -58,13 +58,28 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, args.set)
     trainer = DeepSpeedTrainer(cfg, load_yaml(args.deepspeed_config), cfg.out, save_every=args.save_every)
     state = trainer.resume() if args.resume else None
-    result = tracked_fit(trainer, state, resume_run_id=trainer.resumed_run_id, register=not args.no_register,
-                         deepspeed_config=trainer.ds_config)
+    result = tracked_fit(
+        trainer,
+        state,
+        resume_run_id=trainer.resumed_run_id,
+        register=not args.no_register,
+        deepspeed_config=trainer.ds_config,
+    )
     if trainer.rank == 0:
         save_run(trainer, result, cfg.out)
-        print(json.dumps({"run": cfg.out, "world": trainer.world, "best_epoch": result["best_epoch"],
-                          "test": result["test"], "tracking_run_id": result["tracking_run_id"],
-                          "registration": result.get("registration")}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "run": cfg.out,
+                    "world": trainer.world,
+                    "best_epoch": result["best_epoch"],
+                    "test": result["test"],
+                    "tracking_run_id": result["tracking_run_id"],
+                    "registration": result.get("registration"),
+                }
+            ),
+            flush=True,
+        )
     return 0
 
 

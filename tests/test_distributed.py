@@ -39,26 +39,57 @@ def free_port() -> int:
 
 def env(out: Path) -> dict[str, str]:
     """Each run tracks into an MLflow store beside its output folder, never into the repository."""
-    return {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
-            "MLFLOW_TRACKING_URI": tracking_uri(out)}
+    return {
+        **os.environ,
+        "DS_ACCELERATOR": "cpu",
+        "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": "1",
+        "MLFLOW_TRACKING_URI": tracking_uri(out),
+    }
 
 
 def tracking_uri(out: Path) -> str:
     return f"sqlite:///{out.parent / 'mlflow.db'}"
 
 
-def launch(config: Path, out: Path, procs: int = 1, extra: list[str] | None = None, node: tuple[int, Path] | None = None,
-           port: int | None = None, **popen) -> subprocess.Popen:
+def launch(
+    config: Path,
+    out: Path,
+    procs: int = 1,
+    extra: list[str] | None = None,
+    node: tuple[int, Path] | None = None,
+    port: int | None = None,
+    **popen,
+) -> subprocess.Popen:
     cmd = [str(DEEPSPEED), "--master_addr", "127.0.0.1", "--master_port", str(port or free_port())]
     if node is None:
         cmd += ["--num_accelerators", str(procs)]
     else:
         rank, hostfile = node
-        cmd += ["--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(rank), "--num_nodes", "2", "--num_gpus", "1"]
-    cmd += [str(ROOT / "launchers" / "train.py"), "--config", str(config), "--deepspeed_config",
-            str(ROOT / "launchers" / "zero1.json"), "--set", f"out={out}", *(extra or [])]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env(out), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            **popen)
+        cmd += [
+            "--hostfile",
+            str(hostfile),
+            "--no_ssh",
+            "--node_rank",
+            str(rank),
+            "--num_nodes",
+            "2",
+            "--num_gpus",
+            "1",
+        ]
+    cmd += [
+        str(ROOT / "launchers" / "train.py"),
+        "--config",
+        str(config),
+        "--deepspeed_config",
+        str(ROOT / "launchers" / "zero1.json"),
+        "--set",
+        f"out={out}",
+        *(extra or []),
+    ]
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=env(out), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen
+    )
 
 
 def finish(proc: subprocess.Popen, timeout: int = 400) -> str:
@@ -88,8 +119,12 @@ def assert_same(a: dict[str, float], b: dict[str, float]) -> None:
 def run_config(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("ds")
     data = save_dataset(generate(SyntheticSpec(n_users=200, n_items=150)), root / "data")
-    cfg = {"dataset": str(data), "out": str(root / "unused"), "model": {"name": "lightgcn", "n_layers": 2},
-           "train": {"epochs": 6, "batch_size": 256, "lr": 0.01, "graph_backend": "torch", "patience": 50}}
+    cfg = {
+        "dataset": str(data),
+        "out": str(root / "unused"),
+        "model": {"name": "lightgcn", "n_layers": 2},
+        "train": {"epochs": 6, "batch_size": 256, "lr": 0.01, "graph_backend": "torch", "patience": 50},
+    }
     path = root / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -175,7 +210,8 @@ def test_killed_rank_fails_the_launcher_and_resume_matches(run_config, two_proce
     assert_same(test_metrics(resumed), two_process_run[1])
     # the resumed run continued the same MLflow run, which is now finished and registered
     runs = MlflowClient(tracking_uri(out)).search_runs(
-        [e.experiment_id for e in MlflowClient(tracking_uri(out)).search_experiments()])
+        [e.experiment_id for e in MlflowClient(tracking_uri(out)).search_experiments()]
+    )
     assert [r.info.run_id for r in runs] == [summary(resumed)["tracking_run_id"]]
     assert runs[0].info.status == "FINISHED"
     assert runs[0].data.metrics["test_recall_at_20"] == pytest.approx(test_metrics(resumed)["recall@20"])

@@ -90,7 +90,13 @@ def test_sums_over_user_slices_add_up():
 
 def test_contains_and_rejects_large_k():
     train, truth = hand_case()
-    assert train.contains(np.array([0, 0, 1, 1, 2]), np.array([0, 1, 2, 4, 1])).tolist() == [True, False, True, False, True]
+    assert train.contains(np.array([0, 0, 1, 1, 2]), np.array([0, 1, 2, 4, 1])).tolist() == [
+        True,
+        False,
+        True,
+        False,
+        True,
+    ]
     with pytest.raises(ValueError, match="exceeds the number of items"):
         evaluate_ranking(lambda u: SCORES[u], truth, train, ks=(10,))
 

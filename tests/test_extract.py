@@ -28,10 +28,14 @@ def png(colour) -> bytes:
 
 @pytest.fixture
 def dataset(tmp_path):
-    items = pd.DataFrame({
-        "item_idx": range(N), "item_id": [f"A{i}" for i in range(N)], "title": [f"thing {i}" for i in range(N)],
-        "image_bytes": [png((30 * i, 90, 200)) if i != 3 else b"" for i in range(N)],
-    })
+    items = pd.DataFrame(
+        {
+            "item_idx": range(N),
+            "item_id": [f"A{i}" for i in range(N)],
+            "title": [f"thing {i}" for i in range(N)],
+            "image_bytes": [png((30 * i, 90, 200)) if i != 3 else b"" for i in range(N)],
+        }
+    )
     inter = pd.DataFrame({"user_idx": [0] * N, "item_idx": range(N), "split": [0] * N})
     ds = make_dataset("cli", inter, items, pd.DataFrame({"user_idx": [0], "user_id": ["u"]}))
     return save_dataset(ds, tmp_path / "ds")
@@ -45,8 +49,24 @@ def summary_line(capsys) -> dict:
 
 def test_cli_local_run_prints_one_json_summary(dataset, tmp_path, capsys):
     out = tmp_path / "feats"
-    extract.main(["--dataset", str(dataset), "--out", str(out), "--executor", "local", "--text-model", "none",
-                  "--items-per-shard", "3", "--store-dtype", "float16", "--torch-threads", "1"])
+    extract.main(
+        [
+            "--dataset",
+            str(dataset),
+            "--out",
+            str(out),
+            "--executor",
+            "local",
+            "--text-model",
+            "none",
+            "--items-per-shard",
+            "3",
+            "--store-dtype",
+            "float16",
+            "--torch-threads",
+            "1",
+        ]
+    )
     summary = summary_line(capsys)
     assert summary["event"] == "extract_summary"
     assert (summary["items"], summary["shards_written"], summary["shards_skipped"]) == (N, 3, 0)
@@ -56,23 +76,52 @@ def test_cli_local_run_prints_one_json_summary(dataset, tmp_path, capsys):
     assert load_manifest(out)["spec"]["store_dtype"] == "float16"
     assert json.loads((out / "extract_config.json").read_text())["items_per_shard"] == 3
 
-    extract.main(["--dataset", str(dataset), "--out", str(out), "--executor", "local", "--text-model", "none",
-                  "--items-per-shard", "3", "--store-dtype", "float16", "--torch-threads", "1"])
+    extract.main(
+        [
+            "--dataset",
+            str(dataset),
+            "--out",
+            str(out),
+            "--executor",
+            "local",
+            "--text-model",
+            "none",
+            "--items-per-shard",
+            "3",
+            "--store-dtype",
+            "float16",
+            "--torch-threads",
+            "1",
+        ]
+    )
     again = summary_line(capsys)
     assert (again["shards_written"], again["shards_skipped"]) == (0, 3)
 
 
 def test_cli_errors_exit_2_with_a_message(dataset, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
-        extract.main(["--dataset", str(dataset), "--out", str(tmp_path / "o"), "--text-model", "none",
-                      "--image-model", "none"])
+        extract.main(
+            ["--dataset", str(dataset), "--out", str(tmp_path / "o"), "--text-model", "none", "--image-model", "none"]
+        )
     assert exc.value.code == 2 and "nothing to extract" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
         extract.main(["--dataset", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), "--executor", "local"])
     assert exc.value.code == 2 and "not a dataset folder" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
-        extract.main(["--dataset", str(dataset), "--out", str(tmp_path / "o"), "--executor", "local",
-                      "--text-model", str(tmp_path / "no-model"), "--image-model", "none"])
+        extract.main(
+            [
+                "--dataset",
+                str(dataset),
+                "--out",
+                str(tmp_path / "o"),
+                "--executor",
+                "local",
+                "--text-model",
+                str(tmp_path / "no-model"),
+                "--image-model",
+                "none",
+            ]
+        )
     assert exc.value.code == 2 and "cannot read its config" in capsys.readouterr().err
 
 
@@ -83,8 +132,19 @@ def test_import_mmrec_features(dataset, tmp_path, capsys):
     np.save(tmp_path / "text_feat.npy", text)
     np.save(tmp_path / "image_feat.npy", image)
     out = tmp_path / "mmrec"
-    argv = ["import-mmrec", "--dataset", str(dataset), "--text-feat", str(tmp_path / "text_feat.npy"),
-            "--image-feat", str(tmp_path / "image_feat.npy"), "--out", str(out), "--items-per-shard", "4"]
+    argv = [
+        "import-mmrec",
+        "--dataset",
+        str(dataset),
+        "--text-feat",
+        str(tmp_path / "text_feat.npy"),
+        "--image-feat",
+        str(tmp_path / "image_feat.npy"),
+        "--out",
+        str(out),
+        "--items-per-shard",
+        "4",
+    ]
     extract.main(argv)
     summary = summary_line(capsys)
     assert (summary["shards_written"], summary["failures"]) == (2, {"image_nonfinite": 1})
@@ -95,7 +155,10 @@ def test_import_mmrec_features(dataset, tmp_path, capsys):
     np.testing.assert_array_equal(feats["image"], expected)
     assert feats["image_missing"].tolist() == [i == 4 for i in range(N)]
     manifest = load_manifest(out)
-    assert manifest["spec"]["modalities"]["text"]["name"] == "mmrec-import" and manifest["dims"] == {"text": 5, "image": 3}
+    assert manifest["spec"]["modalities"]["text"]["name"] == "mmrec-import" and manifest["dims"] == {
+        "text": 5,
+        "image": 3,
+    }
     extract.main(argv)
     assert summary_line(capsys)["shards_skipped"] == 2
 
@@ -103,8 +166,17 @@ def test_import_mmrec_features(dataset, tmp_path, capsys):
 def test_import_mmrec_refuses_a_row_count_mismatch(dataset, tmp_path, capsys):
     np.save(tmp_path / "text_feat.npy", np.zeros((N + 1, 4), np.float32))
     with pytest.raises(SystemExit) as exc:
-        extract.main(["import-mmrec", "--dataset", str(dataset), "--text-feat", str(tmp_path / "text_feat.npy"),
-                      "--out", str(tmp_path / "o")])
+        extract.main(
+            [
+                "import-mmrec",
+                "--dataset",
+                str(dataset),
+                "--text-feat",
+                str(tmp_path / "text_feat.npy"),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
     assert exc.value.code == 2 and f"text_feat.npy: shape ({N + 1}, 4), expected ({N}, dim)" in capsys.readouterr().err
 
 

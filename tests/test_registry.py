@@ -91,7 +91,9 @@ def assert_matches_model(table, trainer, k):
         assert rows["rank"].tolist() == list(range(1, k + 1))
         assert set(rows["item_id"]) == set(item_ids[top_items[u]])
         np.testing.assert_allclose(rows["score"].to_numpy(), top_scores[u], atol=1e-5)
-        trained_ids = set(item_ids[trainer.train_sets.indices[trainer.train_sets.indptr[u]:trainer.train_sets.indptr[u + 1]]])
+        trained_ids = set(
+            item_ids[trainer.train_sets.indices[trainer.train_sets.indptr[u] : trainer.train_sets.indptr[u + 1]]]
+        )
         assert not trained_ids & set(rows["item_id"])
 
 
@@ -126,12 +128,18 @@ def test_model_is_code_and_tensors_without_pickles(store, trained, tmp_path):
     local = Path(mlflow.artifacts.download_artifacts(registration.model_uri, dst_path=str(tmp_path / "model")))
     names = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
     assert "serving.py" in names and not [n for n in names if n.endswith((".pkl", ".pickle", ".cloudpickle"))]
-    assert {"artifacts/embeddings.safetensors", "artifacts/train_items.npz", "artifacts/ids.json",
-            "artifacts/popularity.npy", "artifacts/config.json"} <= set(names)
+    assert {
+        "artifacts/embeddings.safetensors",
+        "artifacts/train_items.npz",
+        "artifacts/ids.json",
+        "artifacts/popularity.npy",
+        "artifacts/config.json",
+    } <= set(names)
     code = (local / "serving.py").read_text()
     assert "import dprec" not in code and "from dprec" not in code
-    assert not {"ray", "deepspeed", "dgl"} & {line.split()[1].split(".")[0] for line in code.splitlines()
-                                              if line.startswith(("import ", "from "))}
+    assert not {"ray", "deepspeed", "dgl"} & {
+        line.split()[1].split(".")[0] for line in code.splitlines() if line.startswith(("import ", "from "))
+    }
     with np.load(local / "artifacts/train_items.npz", allow_pickle=False) as train:
         assert np.array_equal(train["indices"], trained["long"][0].train_sets.indices)
     config = json.loads((local / "artifacts/config.json").read_text())
@@ -152,10 +160,17 @@ def test_pyfunc_answers_like_the_model(store, trained, monkeypatch, capsys):
     everything = model.predict(pd.DataFrame({"user_id": [users[0]], "k": [n_items]}))
     assert len(everything) == n_items - int(np.diff(trainer.train_sets.indptr)[0])
 
-    assert recommend_main(["--model", f"models:/{NAME}@champion", "--user", users[0], "--user", users[1], "--k", "2"]) == 0
+    assert (
+        recommend_main(["--model", f"models:/{NAME}@champion", "--user", users[0], "--user", users[1], "--k", "2"]) == 0
+    )
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["user_id", "rank", "item_id", "score", "fallback"]
-    assert [line.split()[:2] for line in lines[1:]] == [[users[0], "1"], [users[0], "2"], [users[1], "1"], [users[1], "2"]]
+    assert [line.split()[:2] for line in lines[1:]] == [
+        [users[0], "1"],
+        [users[0], "2"],
+        [users[1], "1"],
+        [users[1], "2"],
+    ]
     assert recommend_main(["--model", f"models:/{NAME}@champion", "--user", "ghost"]) == 2
     assert "ghost" in capsys.readouterr().err
 
@@ -193,8 +208,17 @@ def test_concurrent_registrations_leave_one_best_champion(store, trained, tmp_pa
     register(trained, "short")
     bundles = [export_bundle(*trained[key], tmp_path / key) for key in ("popularity", "long")]
     env = {**os.environ, "MLFLOW_TRACKING_URI": store}
-    procs = [subprocess.Popen([sys.executable, "-m", "dprec.registry", "register", "--bundle", str(b)], env=env,
-                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for b in bundles]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "dprec.registry", "register", "--bundle", str(b)],
+            env=env,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for b in bundles
+    ]
     outputs = [p.communicate(timeout=240) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outputs]
     results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
@@ -216,9 +240,26 @@ def test_mlflow_models_serve_answers_like_in_process(store, trained, tmp_path):
     log = tmp_path / "serve.log"
     with log.open("w") as out:
         server = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{NAME}@champion", "--env-manager",
-             "local", "-h", "127.0.0.1", "-p", str(port)], env=env, stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "models",
+                "serve",
+                "-m",
+                f"models:/{NAME}@champion",
+                "--env-manager",
+                "local",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(port),
+            ],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for(f"{url}/ping", server, log)
@@ -228,13 +269,16 @@ def test_mlflow_models_serve_answers_like_in_process(store, trained, tmp_path):
         assert answer.status_code == 200, answer.text
         served = pd.DataFrame(answer.json()["predictions"])
         local = mlflow.pyfunc.load_model(f"models:/{NAME}@champion").predict(pd.DataFrame(records))
-        assert served[["user_id", "rank", "item_id", "fallback"]].equals(local[["user_id", "rank", "item_id", "fallback"]])
+        assert served[["user_id", "rank", "item_id", "fallback"]].equals(
+            local[["user_id", "rank", "item_id", "fallback"]]
+        )
         np.testing.assert_allclose(served["score"], local["score"], atol=1e-6)
         assert_matches_model(served, trainer, k=5)
         unknown = requests.post(f"{url}/invocations", json={"dataframe_records": [{"user_id": "ghost"}]}, timeout=30)
         assert unknown.status_code == 400 and "unknown user_id 'ghost'" in unknown.json()["message"]
-        malformed = requests.post(f"{url}/invocations", json={"dataframe_records": [{"user_id": users[0], "k": -1}]},
-                                  timeout=30)
+        malformed = requests.post(
+            f"{url}/invocations", json={"dataframe_records": [{"user_id": users[0], "k": -1}]}, timeout=30
+        )
         assert malformed.status_code == 400 and "k must be between 1" in malformed.json()["message"]
     finally:
         stop_group(server)

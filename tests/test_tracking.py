@@ -32,8 +32,12 @@ def grouped_dataset(n_users=120, n_items=80, per_user=12, seed=0):
 
 def run_config(model=None, **train):
     base = dict(epochs=4, batch_size=256, lr=0.01, patience=50, seed=1, graph_backend="torch", ks=(10, 20))
-    return RunConfig(dataset="in-memory", out="unused", model=model or {"name": "lightgcn", "n_layers": 2},
-                     train=TrainConfig(**base | train))
+    return RunConfig(
+        dataset="in-memory",
+        out="unused",
+        model=model or {"name": "lightgcn", "n_layers": 2},
+        train=TrainConfig(**base | train),
+    )
 
 
 def template_store(base: Path) -> Path:
@@ -82,7 +86,10 @@ def test_names_and_uri(monkeypatch, tmp_path):
     assert metric_name("valid_recall@20") == "valid_recall_at_20"
     assert metric_name("test ndcg@10 (mean)") == "test ndcg_at_10 _mean_"
     assert flatten({"train": {"lr": 0.01, "ks": [10, 20]}, "model": {"name": "x"}}) == {
-        "train.lr": "0.01", "train.ks": "[10, 20]", "model.name": "x"}
+        "train.lr": "0.01",
+        "train.ks": "[10, 20]",
+        "model.name": "x",
+    }
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
     assert tracking_uri() == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
@@ -95,9 +102,14 @@ def test_run_logs_config_curves_test_metrics_and_artifacts(store, dataset, tmp_p
     manifest = tmp_path / "manifest.json"
     manifest.write_text(json.dumps({"dataset_hash": dataset.meta["content_hash"], "dims": {"text": 8}}))
     tracker = RunTracker()
-    run_id = tracker.start(trainer.cfg.as_dict(), run_name="lightgcn", experiment="dprec-test",
-                           deepspeed_config={"train_batch_size": 256, "zero_optimization": {"stage": 1}},
-                           feature_manifest=manifest, tags={"dataset_hash": dataset.meta["content_hash"]})
+    run_id = tracker.start(
+        trainer.cfg.as_dict(),
+        run_name="lightgcn",
+        experiment="dprec-test",
+        deepspeed_config={"train_batch_size": 256, "zero_optimization": {"stage": 1}},
+        feature_manifest=manifest,
+        tags={"dataset_hash": dataset.meta["content_hash"]},
+    )
     result = trainer.fit(log=lambda s: None)
     for row in result["history"]:
         tracker.log_epoch(row, step=row["epoch"])
@@ -121,8 +133,13 @@ def test_run_logs_config_curves_test_metrics_and_artifacts(store, dataset, tmp_p
     assert any(key.startswith("system/cpu_utilization") for key in run.data.metrics)
 
     files = {a.path for folder in ("", "config", "features", "plots") for a in client.list_artifacts(run_id, folder)}
-    assert {"config/run_config.yaml", "config/deepspeed_config.json", "features/manifest.json",
-            "plots/training_curve.png", "history.csv"} <= files
+    assert {
+        "config/run_config.yaml",
+        "config/deepspeed_config.json",
+        "features/manifest.json",
+        "plots/training_curve.png",
+        "history.csv",
+    } <= files
     local = Path(client.download_artifacts(run_id, "", str(tmp_path / "dl")))
     assert (local / "plots/training_curve.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((local / "features/manifest.json").read_text())["dims"] == {"text": 8}
@@ -141,8 +158,10 @@ def test_resume_continues_the_same_run(store, dataset):
     mlflow.end_run("KILLED")  # the process dies here; a new one resumes from the checkpoint
 
     second = RunTracker()
-    assert second.start(run_config(epochs=4).as_dict(), run_name="ignored", experiment="dprec-test",
-                        resume_run_id=run_id) == run_id
+    assert (
+        second.start(run_config(epochs=4).as_dict(), run_name="ignored", experiment="dprec-test", resume_run_id=run_id)
+        == run_id
+    )
     for row in history[2:]:
         second.log_epoch(row, step=row["epoch"])
     second.finish(history)
@@ -156,8 +175,10 @@ def test_resume_continues_the_same_run(store, dataset):
 
 
 def test_grid_table_and_chart(store, tmp_path):
-    rows = [{"variant": "full", "valid_recall@20": 0.31, "test_recall@20": 0.30},
-            {"variant": "no_hypergraph", "valid_recall@20": 0.28, "test_recall@20": 0.27}]
+    rows = [
+        {"variant": "full", "valid_recall@20": 0.31, "test_recall@20": 0.30},
+        {"variant": "no_hypergraph", "valid_recall@20": 0.28, "test_recall@20": 0.27},
+    ]
     tracker = RunTracker()
     run_id = tracker.start({"grid": {"variants": ["full", "no_hypergraph"]}}, run_name="ablation", experiment="grid")
     tracker.log_grid(rows)
@@ -216,13 +237,18 @@ def test_tracking_server_on_loopback(dataset, template, tmp_path, monkeypatch):
     """The same calls against cluster/start_mlflow_server.sh on 127.0.0.1 (artifacts proxied by the server)."""
     shutil.copy(template, tmp_path / "server.db")
     port = free_port()
-    env = {**os.environ, "DPREC_MLFLOW_PORT": str(port), "DPREC_MLFLOW_BACKEND": f"sqlite:///{tmp_path}/server.db",
-           "DPREC_MLFLOW_ARTIFACTS": str(tmp_path / "artifacts")}
+    env = {
+        **os.environ,
+        "DPREC_MLFLOW_PORT": str(port),
+        "DPREC_MLFLOW_BACKEND": f"sqlite:///{tmp_path}/server.db",
+        "DPREC_MLFLOW_ARTIFACTS": str(tmp_path / "artifacts"),
+    }
     script = Path(__file__).resolve().parents[1] / "cluster" / "start_mlflow_server.sh"
     log = tmp_path / "server.log"
     with log.open("w") as out:
-        server = subprocess.Popen([str(script)], env=env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
-                                  start_new_session=True)
+        server = subprocess.Popen(
+            [str(script)], env=env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
     uri = f"http://127.0.0.1:{port}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     try:

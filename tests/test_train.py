@@ -35,8 +35,12 @@ def dataset_dir(tmp_path_factory):
 def run_cfg(dataset_dir, tmp_path, model=None, backend="torch", **train):
     base = dict(epochs=15, batch_size=256, lr=0.01, patience=50, seed=1, graph_backend=backend, ks=(10, 20))
     base.update(train)
-    return RunConfig(dataset=str(dataset_dir), out=str(tmp_path / "run"),
-                     model=model or {"name": "lightgcn", "n_layers": 2}, train=TrainConfig(**base))
+    return RunConfig(
+        dataset=str(dataset_dir),
+        out=str(tmp_path / "run"),
+        model=model or {"name": "lightgcn", "n_layers": 2},
+        train=TrainConfig(**base),
+    )
 
 
 def test_config_errors_name_the_key(tmp_path):

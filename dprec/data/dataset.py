@@ -137,7 +137,9 @@ def validate(ds: Dataset) -> None:
     """Raise :class:`DatasetError` where the dataset breaks the contract of this module."""
     where = f"dataset {ds.name!r}"
     if ds.n_items == 0 or ds.n_users == 0 or len(ds.interactions) == 0:
-        raise DatasetError(f"{where}: empty ({ds.n_users} users, {ds.n_items} items, {len(ds.interactions)} interactions)")
+        raise DatasetError(
+            f"{where}: empty ({ds.n_users} users, {ds.n_items} items, {len(ds.interactions)} interactions)"
+        )
     if not np.array_equal(ds.items["item_idx"].to_numpy(), np.arange(ds.n_items)):
         raise DatasetError(f"{where}: item_idx must be dense 0..{ds.n_items - 1}")
     if not np.array_equal(ds.users["user_idx"].to_numpy(), np.arange(ds.n_users)):

@@ -57,8 +57,9 @@ def _labels_by_rank(users: np.ndarray, order: np.ndarray, ratios: tuple[float, f
     return labels
 
 
-def random_split(users: np.ndarray, items: np.ndarray, seed: int,
-                 ratios: tuple[float, float, float] = DEFAULT_RATIOS) -> np.ndarray:
+def random_split(
+    users: np.ndarray, items: np.ndarray, seed: int, ratios: tuple[float, float, float] = DEFAULT_RATIOS
+) -> np.ndarray:
     """Per-user random split labels, aligned with the input rows."""
     users, items = np.asarray(users, np.int64), np.asarray(items, np.int64)
     canonical = np.lexsort((items, users))
@@ -67,24 +68,30 @@ def random_split(users: np.ndarray, items: np.ndarray, seed: int,
     return _labels_by_rank(users, np.lexsort((keys, users)), ratios)
 
 
-def chrono_split(users: np.ndarray, timestamps: np.ndarray,
-                 ratios: tuple[float, float, float] = DEFAULT_RATIOS) -> np.ndarray:
+def chrono_split(
+    users: np.ndarray, timestamps: np.ndarray, ratios: tuple[float, float, float] = DEFAULT_RATIOS
+) -> np.ndarray:
     """Per-user chronological split labels (ties: row order), aligned with the input rows."""
     users, timestamps = np.asarray(users, np.int64), np.asarray(timestamps, np.int64)
     if (timestamps < 0).any():
-        raise DatasetError(f"chrono split: {int((timestamps < 0).sum())} interactions have no timestamp; "
-                           "use --split random, or a source with times")
+        raise DatasetError(
+            f"chrono split: {int((timestamps < 0).sum())} interactions have no timestamp; "
+            "use --split random, or a source with times"
+        )
     order = np.lexsort((np.arange(len(users)), timestamps, users))
     return _labels_by_rank(users, order, ratios)
 
 
-def assign_split(interactions: pd.DataFrame, rule: str, seed: int = 0,
-                 ratios: tuple[float, float, float] = DEFAULT_RATIOS) -> np.ndarray:
+def assign_split(
+    interactions: pd.DataFrame, rule: str, seed: int = 0, ratios: tuple[float, float, float] = DEFAULT_RATIOS
+) -> np.ndarray:
     """Split labels for ``interactions`` (``user_idx``, ``item_idx``, ``timestamp``, ``split`` as needed)."""
     if rule == "given":
         if "split" not in interactions or (interactions["split"] < 0).any():
-            raise DatasetError("split 'given': the source has no split labels for every interaction; "
-                               "use --split random or --split chrono")
+            raise DatasetError(
+                "split 'given': the source has no split labels for every interaction; "
+                "use --split random or --split chrono"
+            )
         return interactions["split"].to_numpy(np.int8)
     users = interactions["user_idx"].to_numpy(np.int64)
     if rule == "random":

@@ -29,7 +29,16 @@ CATEGORIES = {
     "outdoor": ("tent", "backpack", "lantern", "sleeping bag", "water bottle", "compass", "hammock", "camp stove"),
     "office": ("stapler", "notebook", "desk lamp", "pen holder", "binder", "calculator", "paper tray", "planner"),
     "bath": ("towel", "soap dish", "bath mat", "loofah", "shower caddy", "toothbrush cup", "robe", "bath salts"),
-    "fitness": ("yoga mat", "dumbbell", "jump rope", "kettlebell", "resistance band", "foam roller", "gym bag", "water flask"),
+    "fitness": (
+        "yoga mat",
+        "dumbbell",
+        "jump rope",
+        "kettlebell",
+        "resistance band",
+        "foam roller",
+        "gym bag",
+        "water flask",
+    ),
     "pets": ("dog leash", "cat toy", "pet bed", "food bowl", "chew bone", "litter scoop", "collar", "bird perch"),
 }
 CATEGORY_WORDS = {
@@ -51,8 +60,16 @@ COLOURS = {
     "black": (25, 25, 25),
 }
 SHAPES = ("circle", "square", "triangle", "diamond")
-BACKGROUNDS = [(250, 235, 215), (225, 245, 225), (225, 235, 250), (245, 225, 240),
-               (240, 240, 240), (230, 250, 250), (250, 250, 220), (235, 225, 215)]
+BACKGROUNDS = [
+    (250, 235, 215),
+    (225, 245, 225),
+    (225, 235, 250),
+    (245, 225, 240),
+    (240, 240, 240),
+    (230, 250, 250),
+    (250, 250, 220),
+    (235, 225, 215),
+]
 BRANDS = ("Acme", "Northwind", "Globex", "Initech", "Umbra", "Vandelay", "Hooli", "Stark")
 
 
@@ -70,8 +87,9 @@ class SyntheticSpec:
     seed: int = 7
 
 
-def draw_item_image(shape: str, colour: tuple[int, int, int], background: tuple[int, int, int], size: int,
-                    rng: np.random.Generator) -> bytes:
+def draw_item_image(
+    shape: str, colour: tuple[int, int, int], background: tuple[int, int, int], size: int, rng: np.random.Generator
+) -> bytes:
     """A PNG of one coloured shape on a tinted background, slightly jittered in place and size."""
     img = Image.new("RGB", (size, size), background)
     draw = ImageDraw.Draw(img)
@@ -103,15 +121,17 @@ def _items(spec: SyntheticSpec, rng: np.random.Generator) -> tuple[pd.DataFrame,
         brand = BRANDS[rng.integers(0, len(BRANDS))]
         words = CATEGORY_WORDS[c].split()
         picked = " ".join(rng.choice(words, size=3, replace=False))
-        rows.append({
-            "item_idx": i,
-            "item_id": f"SYN{i:05d}",
-            "title": f"{brand} {k} {noun}",
-            "description": f"A {k} {noun} for {picked}. Model {rng.integers(100, 999)}.",
-            "brand": brand,
-            "categories": f"Home|{c.capitalize()}",
-            "image_bytes": draw_item_image(SHAPES[shape[i]], COLOURS[k], BACKGROUNDS[cat[i]], spec.image_size, rng),
-        })
+        rows.append(
+            {
+                "item_idx": i,
+                "item_id": f"SYN{i:05d}",
+                "title": f"{brand} {k} {noun}",
+                "description": f"A {k} {noun} for {picked}. Model {rng.integers(100, 999)}.",
+                "brand": brand,
+                "categories": f"Home|{c.capitalize()}",
+                "image_bytes": draw_item_image(SHAPES[shape[i]], COLOURS[k], BACKGROUNDS[cat[i]], spec.image_size, rng),
+            }
+        )
     return pd.DataFrame(rows), cat, col
 
 
@@ -145,6 +165,11 @@ def generate(spec: SyntheticSpec | None = None, split: str = "random") -> Datase
     inter = _interactions(spec, cat, col, rng)
     inter["split"] = assign_split(inter, split, seed=spec.seed)
     users = pd.DataFrame({"user_idx": np.arange(spec.n_users), "user_id": [f"U{u:05d}" for u in range(spec.n_users)]})
-    meta = {"source": "synthetic", "split": split, "seed": spec.seed, "spec": spec.__dict__,
-            "hidden": {"category": cat.tolist(), "colour": col.tolist()}}
+    meta = {
+        "source": "synthetic",
+        "split": split,
+        "seed": spec.seed,
+        "spec": spec.__dict__,
+        "hidden": {"category": cat.tolist(), "colour": col.tolist()},
+    }
     return make_dataset("default", inter, items, users, meta)

@@ -178,7 +178,10 @@ class ImageEncoder:
         else:
             from transformers import AutoImageProcessor, AutoModel
 
-            kwargs = {"revision": resolved.extra.get("load_revision"), "trust_remote_code": resolved.extra["trust_remote_code"]}
+            kwargs = {
+                "revision": resolved.extra.get("load_revision"),
+                "trust_remote_code": resolved.extra["trust_remote_code"],
+            }
             self.processor = AutoImageProcessor.from_pretrained(resolved.load_path, **kwargs)
             self.model = AutoModel.from_pretrained(resolved.load_path, dtype=dtype, **kwargs)
         self.model.to(device=resolved.device, dtype=dtype).eval()

@@ -139,13 +139,16 @@ def check_extra_fields(dataset: Any, names: list[str]) -> dict[str, int]:
                 counts[name] += extra_value_text(present.get(name)) != ""
     missing = [n for n, c in counts.items() if c == 0]
     if missing:
-        raise ExtractError(f"the prompt template names {missing}, which no item of dataset {dataset.name!r} has "
-                           "(neither a text field nor an attribute of items.extra)")
+        raise ExtractError(
+            f"the prompt template names {missing}, which no item of dataset {dataset.name!r} has "
+            "(neither a text field nor an attribute of items.extra)"
+        )
     return counts
 
 
-def build_work_units(dataset: Any, shards: list[int], items_per_shard: int, max_chars: int | None,
-                     extra_names: list[str] = ()) -> list[pa.Table]:
+def build_work_units(
+    dataset: Any, shards: list[int], items_per_shard: int, max_chars: int | None, extra_names: list[str] = ()
+) -> list[pa.Table]:
     """One single-row Arrow table per shard to compute: the shard's items as list columns.
 
     Text fields arrive cleaned (str, capped at ``max_chars``) with their flags, and so do the
@@ -211,8 +214,10 @@ class TextStage:
         _set_threads(threads)
         t0 = time.perf_counter()
         self.encoder = TextEncoder(resolved, batch_size, max_padding)
-        print(f"[text] loaded {resolved.name} ({resolved.device}, {resolved.dtype}) in {time.perf_counter() - t0:.1f}s",
-              flush=True)
+        print(
+            f"[text] loaded {resolved.name} ({resolved.device}, {resolved.dtype}) in {time.perf_counter() - t0:.1f}s",
+            flush=True,
+        )
 
     def __call__(self, table: pa.Table) -> pa.Table:
         out: dict[str, list] = {"text_vectors": [], "text_dim": [], "text_flags": [], "text_node": []}
@@ -226,8 +231,10 @@ class TextStage:
             out["text_flags"].append(json.dumps(flags))
             out["text_node"].append(_node_id())
             bad = sum(1 for f in flags if f)
-            print(f"[text] shard {row['shard']}: {len(items)} items, {bad} flagged, {time.perf_counter() - t0:.2f}s",
-                  flush=True)
+            print(
+                f"[text] shard {row['shard']}: {len(items)} items, {bad} flagged, {time.perf_counter() - t0:.2f}s",
+                flush=True,
+            )
         table = table.drop_columns([*TEXT_FIELDS, "extra_fields"])
         for name, values in out.items():
             table = table.append_column(name, pa.array(values, pa.binary() if name == "text_vectors" else None))
@@ -237,7 +244,9 @@ class TextStage:
 class ImageStage:
     """Ray Data callable class: loads the image model once; each call embeds whole shards."""
 
-    def __init__(self, resolved: ResolvedImageModel, batch_size: int, threads: int, fetch_urls: bool, url_timeout: float):
+    def __init__(
+        self, resolved: ResolvedImageModel, batch_size: int, threads: int, fetch_urls: bool, url_timeout: float
+    ):
         _set_threads(threads)
         t0 = time.perf_counter()
         self.encoder = ImageEncoder(resolved, batch_size)
@@ -269,13 +278,17 @@ class ImageStage:
                 for i, err in zip(rows, errors, strict=True):
                     if err is not None:
                         flags[i].append("image_error")
-                        print(f"[image] item {row['item_idx'][i]}: model failed ({err}); marked image_missing", flush=True)
+                        print(
+                            f"[image] item {row['item_idx'][i]}: model failed ({err}); marked image_missing", flush=True
+                        )
             out["image_vectors"].append(vectors.tobytes())
             out["image_dim"].append(self.encoder.dim)
             out["image_flags"].append(json.dumps(flags))
             out["image_node"].append(_node_id())
-            print(f"[image] shard {row['shard']}: {n} items, {n - len(images)} missing, "
-                  f"{time.perf_counter() - t0:.2f}s", flush=True)
+            print(
+                f"[image] shard {row['shard']}: {n} items, {n - len(images)} missing, {time.perf_counter() - t0:.2f}s",
+                flush=True,
+            )
         table = table.drop_columns(list(IMAGE_COLUMNS))
         for name, values in out.items():
             table = table.append_column(name, pa.array(values, pa.binary() if name == "image_vectors" else None))
@@ -302,8 +315,13 @@ class RunSummary:
 class _Collector:
     """Turns finished work-unit rows into shards through the writer, with progress lines."""
 
-    def __init__(self, writer: FeatureSetWriter, modalities: list[str], total_items: int,
-                 on_shard: Callable[[dict[str, Any]], None] | None):
+    def __init__(
+        self,
+        writer: FeatureSetWriter,
+        modalities: list[str],
+        total_items: int,
+        on_shard: Callable[[dict[str, Any]], None] | None,
+    ):
         self.writer, self.modalities, self.on_shard = writer, modalities, on_shard
         self.total_items = total_items
         self.items = self.shards = 0
@@ -325,8 +343,10 @@ class _Collector:
             self.shards += 1
             rate = self.items / max(time.perf_counter() - self.t0, 1e-9)
             missing = ", ".join(f"{m} missing {entry['missing'][m]}" for m in self.modalities)
-            log(f"wrote {entry['name']} ({n} items, {missing}); {self.shards} shards / {self.items} of "
-                f"{self.total_items} items this run, {rate:.1f} items/s")
+            log(
+                f"wrote {entry['name']} ({n} items, {missing}); {self.shards} shards / {self.items} of "
+                f"{self.total_items} items this run, {rate:.1f} items/s"
+            )
             if self.on_shard is not None:
                 self.on_shard(entry)
 
@@ -345,18 +365,28 @@ def _load_dataset(folder: str):
 def _spec(dataset: Any, cfg: ExtractConfig, text: ResolvedTextModel | None, image: ResolvedImageModel | None):
     """(spec: what decides the numbers, provenance: where things were loaded from and how they ran)."""
     modalities: dict[str, Any] = {}
-    provenance: dict[str, Any] = {"executor": cfg.executor, "torch_threads": cfg.threads,
-                                  "dataset_content_hash": dataset.meta["content_hash"]}
+    provenance: dict[str, Any] = {
+        "executor": cfg.executor,
+        "torch_threads": cfg.threads,
+        "dataset_content_hash": dataset.meta["content_hash"],
+    }
     if text is not None:
         d = text.describe()
-        provenance["text"] = {"load_path": d.pop("load_path"), "device": d.pop("device"), "batch_size": cfg.text.batch_size,
-                              "max_padding": cfg.text.max_padding}
+        provenance["text"] = {
+            "load_path": d.pop("load_path"),
+            "device": d.pop("device"),
+            "batch_size": cfg.text.batch_size,
+            "max_padding": cfg.text.max_padding,
+        }
         d.pop("extra")
         modalities["text"] = d | {"max_chars": cfg.text.max_chars}
     if image is not None:
         d = image.describe()
-        provenance["image"] = {"load_path": d.pop("load_path"), "device": d.pop("device"),
-                               "batch_size": cfg.image.batch_size}
+        provenance["image"] = {
+            "load_path": d.pop("load_path"),
+            "device": d.pop("device"),
+            "batch_size": cfg.image.batch_size,
+        }
         d.pop("extra")
         modalities["image"] = d
     spec = {
@@ -400,8 +430,13 @@ def _gpus_per_actor(cfg: ExtractConfig, cluster_gpus: float, n_actors: int) -> f
     return cfg.gpus_per_actor
 
 
-def _run_ray(cfg: ExtractConfig, units: list[pa.Table], text: ResolvedTextModel | None,
-             image: ResolvedImageModel | None, collector: _Collector) -> None:
+def _run_ray(
+    cfg: ExtractConfig,
+    units: list[pa.Table],
+    text: ResolvedTextModel | None,
+    image: ResolvedImageModel | None,
+    collector: _Collector,
+) -> None:
     import ray
 
     resources = ray.cluster_resources()
@@ -413,13 +448,19 @@ def _run_ray(cfg: ExtractConfig, units: list[pa.Table], text: ResolvedTextModel 
             f"cluster has {cpus:g}; lower --cpus-per-actor or the actor counts"
         )
     gpus = _gpus_per_actor(cfg, resources.get("GPU", 0.0), n_actors)
-    log(f"Ray cluster: {cpus:g} CPUs, {resources.get('GPU', 0.0):g} GPUs; {n_actors} actors with "
-        f"{cfg.cpus_per_actor:g} CPUs, {gpus:g} GPUs, {cfg.threads} torch threads each")
+    log(
+        f"Ray cluster: {cpus:g} CPUs, {resources.get('GPU', 0.0):g} GPUs; {n_actors} actors with "
+        f"{cfg.cpus_per_actor:g} CPUs, {gpus:g} GPUs, {cfg.threads} torch threads each"
+    )
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     common: dict[str, Any] = dict(
-        batch_size=1, batch_format="pyarrow", num_cpus=cfg.cpus_per_actor, num_gpus=gpus,
-        max_restarts=cfg.max_restarts, max_task_retries=cfg.max_task_retries,
+        batch_size=1,
+        batch_format="pyarrow",
+        num_cpus=cfg.cpus_per_actor,
+        num_gpus=gpus,
+        max_restarts=cfg.max_restarts,
+        max_task_retries=cfg.max_task_retries,
     )
     if cfg.spread:
         common["scheduling_strategy"] = "SPREAD"
@@ -429,24 +470,37 @@ def _run_ray(cfg: ExtractConfig, units: list[pa.Table], text: ResolvedTextModel 
         warnings.simplefilter("ignore", DeprecationWarning)
         if text is not None:
             ds = ds.map_batches(
-                TextStage, compute=ray.data.ActorPoolStrategy(size=cfg.text_actors),
-                fn_constructor_kwargs=dict(resolved=text, batch_size=cfg.text.batch_size, threads=cfg.threads,
-                                           max_padding=cfg.text.max_padding),
+                TextStage,
+                compute=ray.data.ActorPoolStrategy(size=cfg.text_actors),
+                fn_constructor_kwargs=dict(
+                    resolved=text, batch_size=cfg.text.batch_size, threads=cfg.threads, max_padding=cfg.text.max_padding
+                ),
                 **common,
             )
         if image is not None:
             ds = ds.map_batches(
-                ImageStage, compute=ray.data.ActorPoolStrategy(size=cfg.image_actors),
-                fn_constructor_kwargs=dict(resolved=image, batch_size=cfg.image.batch_size, threads=cfg.threads,
-                                           fetch_urls=cfg.image.fetch_urls, url_timeout=cfg.image.url_timeout),
+                ImageStage,
+                compute=ray.data.ActorPoolStrategy(size=cfg.image_actors),
+                fn_constructor_kwargs=dict(
+                    resolved=image,
+                    batch_size=cfg.image.batch_size,
+                    threads=cfg.threads,
+                    fetch_urls=cfg.image.fetch_urls,
+                    url_timeout=cfg.image.url_timeout,
+                ),
                 **common,
             )
     for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         collector.add_table(table)
 
 
-def _run_local(cfg: ExtractConfig, units: list[pa.Table], text: ResolvedTextModel | None,
-               image: ResolvedImageModel | None, collector: _Collector) -> None:
+def _run_local(
+    cfg: ExtractConfig,
+    units: list[pa.Table],
+    text: ResolvedTextModel | None,
+    image: ResolvedImageModel | None,
+    collector: _Collector,
+) -> None:
     stages: list[Callable[[pa.Table], pa.Table]] = []
     if text is not None:
         stages.append(TextStage(text, cfg.text.batch_size, cfg.threads, cfg.text.max_padding))
@@ -462,8 +516,9 @@ def config_dict(cfg: ExtractConfig) -> dict[str, Any]:
     return asdict(cfg)
 
 
-def run_extract(cfg: ExtractConfig, on_shard: Callable[[dict[str, Any]], None] | None = None,
-                dataset: Any = None) -> RunSummary:
+def run_extract(
+    cfg: ExtractConfig, on_shard: Callable[[dict[str, Any]], None] | None = None, dataset: Any = None
+) -> RunSummary:
     """Extract features of ``cfg.dataset`` into ``cfg.out``; resumes a compatible folder. Returns the summary.
 
     ``on_shard`` is called with each new manifest entry as its shard lands. ``dataset`` (an
@@ -483,20 +538,27 @@ def run_extract(cfg: ExtractConfig, on_shard: Callable[[dict[str, Any]], None] |
         names = extra_fields(cfg.text.prompt_template) if cfg.text and cfg.text.prompt_template else []
         if names:
             counts = check_extra_fields(dataset, names)
-            log("prompt template attributes from items.extra: "
-                + ", ".join(f"{n} ({c} of {dataset.n_items} items)" for n, c in counts.items()))
+            log(
+                "prompt template attributes from items.extra: "
+                + ", ".join(f"{n} ({c} of {dataset.n_items} items)" for n, c in counts.items())
+            )
         text = resolve_text_model(cfg.text, device) if cfg.text else None
         image = resolve_image_model(cfg.image, device) if cfg.image else None
         spec, provenance = _spec(dataset, cfg, text, image)
         writer = FeatureSetWriter(cfg.out, spec, provenance, overwrite=cfg.overwrite)
-        atomic_write(Path(cfg.out) / "extract_config.json",
-                     (json.dumps(config_dict(cfg), indent=2, sort_keys=True) + "\n").encode())
+        atomic_write(
+            Path(cfg.out) / "extract_config.json",
+            (json.dumps(config_dict(cfg), indent=2, sort_keys=True) + "\n").encode(),
+        )
         pending = writer.pending()
-        log(f"dataset {dataset.name!r}: {dataset.n_items} items in {len(writer.ranges)} shards of "
-            f"{cfg.items_per_shard}; {len(writer.skipped)} already complete, {len(pending)} to compute")
+        log(
+            f"dataset {dataset.name!r}: {dataset.n_items} items in {len(writer.ranges)} shards of "
+            f"{cfg.items_per_shard}; {len(writer.skipped)} already complete, {len(pending)} to compute"
+        )
         modalities = [m for m, r in (("text", text), ("image", image)) if r is not None]
-        collector = _Collector(writer, modalities, sum(writer.ranges[s][1] - writer.ranges[s][0] for s in pending),
-                               on_shard)
+        collector = _Collector(
+            writer, modalities, sum(writer.ranges[s][1] - writer.ranges[s][0] for s in pending), on_shard
+        )
         if pending:
             max_chars = cfg.text.max_chars if cfg.text else None
             units = build_work_units(dataset, pending, cfg.items_per_shard, max_chars, names)
@@ -522,8 +584,15 @@ def run_extract(cfg: ExtractConfig, on_shard: Callable[[dict[str, Any]], None] |
     )
 
 
-def import_mmrec(dataset_folder: str, out: str, text_feat: str | None = None, image_feat: str | None = None,
-                 items_per_shard: int = 256, store_dtype: str = "float32", overwrite: bool = False) -> RunSummary:
+def import_mmrec(
+    dataset_folder: str,
+    out: str,
+    text_feat: str | None = None,
+    image_feat: str | None = None,
+    items_per_shard: int = 256,
+    store_dtype: str = "float32",
+    overwrite: bool = False,
+) -> RunSummary:
     """MMRec's item-ordered ``text_feat.npy`` / ``image_feat.npy`` -> shards of the same format.
 
     Row i is item index i. A row with NaN or inf becomes a zero vector flagged ``<m>_nonfinite``.
@@ -541,19 +610,28 @@ def import_mmrec(dataset_folder: str, out: str, text_feat: str | None = None, im
         except (OSError, ValueError) as exc:
             raise ExtractError(f"{path}: cannot read as a plain .npy array ({exc})") from exc
         if arr.ndim != 2 or arr.shape[0] != dataset.n_items:
-            raise ExtractError(f"{path}: shape {arr.shape}, expected ({dataset.n_items}, dim) for dataset {dataset.name!r}")
+            raise ExtractError(
+                f"{path}: shape {arr.shape}, expected ({dataset.n_items}, dim) for dataset {dataset.name!r}"
+            )
         arrays[m] = arr.astype(np.float32)
-        modalities[m] = {"name": "mmrec-import", "source_file": Path(path).name,
-                         "revision": {"sha256": sha256_file(Path(path))}, "pooling": "precomputed",
-                         "source_dtype": str(arr.dtype)}
+        modalities[m] = {
+            "name": "mmrec-import",
+            "source_file": Path(path).name,
+            "revision": {"sha256": sha256_file(Path(path))},
+            "pooling": "precomputed",
+            "source_dtype": str(arr.dtype),
+        }
     spec = {
         "dataset": dataset_spec(dataset),
         "items_per_shard": items_per_shard,
         "store_dtype": store_dtype,
         "modalities": modalities,
     }
-    provenance = {"executor": "import-mmrec", "dataset_content_hash": dataset.meta["content_hash"], **{m: {"load_path": str(Path(p).resolve())}
-                                                for m, p in (("text", text_feat), ("image", image_feat)) if p}}
+    provenance = {
+        "executor": "import-mmrec",
+        "dataset_content_hash": dataset.meta["content_hash"],
+        **{m: {"load_path": str(Path(p).resolve())} for m, p in (("text", text_feat), ("image", image_feat)) if p},
+    }
     writer = FeatureSetWriter(out, spec, provenance, overwrite=overwrite)
     items = written = 0
     for shard in writer.pending():
@@ -574,10 +652,18 @@ def import_mmrec(dataset_folder: str, out: str, text_feat: str | None = None, im
         log(f"wrote {entry['name']} ({stop - first} items)")
     manifest = writer.finish()
     seconds = time.perf_counter() - t0
-    return RunSummary(items=dataset.n_items, shards_total=len(writer.ranges), shards_written=written,
-                      shards_skipped=len(writer.skipped), items_computed=items, failures=manifest["counts"],
-                      seconds=round(seconds, 3), items_per_second=round(items / seconds, 3) if seconds else 0.0,
-                      nodes=1, out=str(out))
+    return RunSummary(
+        items=dataset.n_items,
+        shards_total=len(writer.ranges),
+        shards_written=written,
+        shards_skipped=len(writer.skipped),
+        items_computed=items,
+        failures=manifest["counts"],
+        seconds=round(seconds, 3),
+        items_per_second=round(items / seconds, 3) if seconds else 0.0,
+        nodes=1,
+        out=str(out),
+    )
 
 
 __all__ = ["ExtractConfig", "ExtractError", "RunSummary", "ShardError", "import_mmrec", "run_extract"]

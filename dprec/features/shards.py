@@ -45,8 +45,15 @@ SHARD_RE = re.compile(r"^items-(\d{6})\.tar$")
 TMP_PREFIX = ".tmp-"
 MISSING_FLAGS = {
     "text": ("text_empty", "text_error", "text_nonfinite"),
-    "image": ("image_none", "image_file_missing", "image_decode_error", "image_url_not_fetched", "image_url_error",
-              "image_error", "image_nonfinite"),
+    "image": (
+        "image_none",
+        "image_file_missing",
+        "image_decode_error",
+        "image_url_not_fetched",
+        "image_url_error",
+        "image_error",
+        "image_nonfinite",
+    ),
 }
 
 
@@ -85,9 +92,7 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def shard_bytes(
-    item_idx: np.ndarray, vectors: dict[str, np.ndarray], metas: list[dict[str, Any]], dtype: str
-) -> bytes:
+def shard_bytes(item_idx: np.ndarray, vectors: dict[str, np.ndarray], metas: list[dict[str, Any]], dtype: str) -> bytes:
     """The tar of one shard, byte-deterministic: same inputs, same bytes."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
@@ -143,7 +148,9 @@ def load_manifest(folder: str | Path) -> dict[str, Any] | None:
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
     manifest = dict(manifest, shards=sorted(manifest["shards"], key=lambda s: s["shard"]))
-    atomic_write(folder / MANIFEST, (json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode())
+    atomic_write(
+        folder / MANIFEST, (json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
+    )
 
 
 def sha256_file(path: Path) -> str:
@@ -237,7 +244,10 @@ class FeatureSetWriter:
 
     def _write_manifest(self, complete: bool = False) -> None:
         self.manifest.update(
-            dims=self.dims, shards=list(self.entries.values()), complete=complete, n_shards=len(self.ranges),
+            dims=self.dims,
+            shards=list(self.entries.values()),
+            complete=complete,
+            n_shards=len(self.ranges),
             counts=self.counts(),
         )
         write_manifest(self.folder, self.manifest)
@@ -330,14 +340,18 @@ def read_features(folder: str | Path, dataset: Any = None, verify: bool = True) 
     entries = sorted(manifest["shards"], key=lambda e: e["shard"])
     ranges = shard_ranges(n_items, spec["items_per_shard"])
     if [e["shard"] for e in entries] != list(range(len(ranges))):
-        raise ShardError(f"{folder / MANIFEST}: lists shards {[e['shard'] for e in entries]}, expected 0..{len(ranges) - 1}")
+        raise ShardError(
+            f"{folder / MANIFEST}: lists shards {[e['shard'] for e in entries]}, expected 0..{len(ranges) - 1}"
+        )
     out = {m: np.zeros((n_items, d), np.float32) for m, d in dims.items()}
     missing = {m: np.zeros(n_items, bool) for m in dims}
     item_ids = np.empty(n_items, dtype=object)
     for entry, (first, stop) in zip(entries, ranges, strict=True):
         name = entry["name"]
         if (entry["first_item"], entry["count"]) != (first, stop - first):
-            raise ShardError(f"shard {name}: manifest range {entry['first_item']}+{entry['count']} != items {first}..{stop - 1}")
+            raise ShardError(
+                f"shard {name}: manifest range {entry['first_item']}+{entry['count']} != items {first}..{stop - 1}"
+            )
         path = folder / name
         if not path.is_file():
             raise ShardError(f"shard {name}: listed in the manifest but missing from {folder}; rerun extract")

@@ -408,7 +408,10 @@ class TextEncoder:
         self.resolved = resolved
         self.batch_size = batch_size
         self.max_padding = max_padding
-        kwargs = {"revision": resolved.extra.get("load_revision"), "trust_remote_code": resolved.extra["trust_remote_code"]}
+        kwargs = {
+            "revision": resolved.extra.get("load_revision"),
+            "trust_remote_code": resolved.extra["trust_remote_code"],
+        }
         self.tokenizer = AutoTokenizer.from_pretrained(resolved.load_path, **kwargs)
         self.tokenizer.padding_side = "right"
         if self.tokenizer.pad_token is None:

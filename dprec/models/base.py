@@ -42,7 +42,9 @@ class Recommender(nn.Module, ABC):
         self.n_users = ctx.n_users
         self.n_items = ctx.n_items
 
-    def calculate_loss(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def calculate_loss(
+        self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         raise TypeError(f"{type(self).__name__} has no training loss (trainable = False)")
 
     def to_device(self, device: torch.device) -> Recommender:
@@ -54,7 +56,9 @@ class Recommender(nn.Module, ABC):
             if isinstance(value, PropagationGraph):
                 setattr(self, name, value.to(device))
             elif isinstance(value, dict) and any(isinstance(v, PropagationGraph) for v in value.values()):
-                setattr(self, name, {k: v.to(device) if isinstance(v, PropagationGraph) else v for k, v in value.items()})
+                setattr(
+                    self, name, {k: v.to(device) if isinstance(v, PropagationGraph) else v for k, v in value.items()}
+                )
         return self
 
     @abstractmethod

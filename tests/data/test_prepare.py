@@ -27,8 +27,10 @@ from dprec.prepare import main
 def shared(name: str) -> Path:
     root = Path(os.environ.get("DPREC_SHARED_DATA", Path(__file__).resolve().parents[2].parent / "shared" / "data"))
     if not (root / name).is_dir():
-        pytest.skip(f"real dataset {name!r} not found under {root} (a fresh clone has no ../shared; "
-                    "set DPREC_SHARED_DATA to the shared data folder)")
+        pytest.skip(
+            f"real dataset {name!r} not found under {root} (a fresh clone has no ../shared; "
+            "set DPREC_SHARED_DATA to the shared data folder)"
+        )
     return root / name
 
 
@@ -86,8 +88,10 @@ def test_ml100k_item_text_joins_details(ml100k):
 def test_ml100k_random_split_is_byte_reproducible(tmp_path):
     root = shared("ml-100k")
     outs = [tmp_path / name for name in ("a", "b", "c")]
-    summaries = [run(["table", "--preset", "ml-100k", "--root", root, "--split", "random", "--seed", seed,
-                      "--out", out])[1] for out, seed in zip(outs, (7, 7, 8), strict=True)]
+    summaries = [
+        run(["table", "--preset", "ml-100k", "--root", root, "--split", "random", "--seed", seed, "--out", out])[1]
+        for out, seed in zip(outs, (7, 7, 8), strict=True)
+    ]
     for name in ("interactions.parquet", "items.parquet", "users.parquet", "dataset.json"):
         assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
     assert summaries[0]["content_hash"] == summaries[1]["content_hash"] != summaries[2]["content_hash"]
@@ -120,8 +124,18 @@ def test_baby_random_split_reproduces_published_sizes(baby_raw):
 @pytest.fixture(scope="module")
 def sports(tmp_path_factory) -> tuple[dict, Dataset]:
     out = tmp_path_factory.mktemp("sports") / "sports"
-    return prepared(["mmrec", shared("amazon-sports"), "--user-sequence", "user_sequence.txt",
-                     "--item-keywords", "item_keywords.txt", "--out", out])
+    return prepared(
+        [
+            "mmrec",
+            shared("amazon-sports"),
+            "--user-sequence",
+            "user_sequence.txt",
+            "--item-keywords",
+            "item_keywords.txt",
+            "--out",
+            out,
+        ]
+    )
 
 
 def test_sports_counts_and_given_split(sports):
@@ -140,8 +154,9 @@ def test_sports_asin_mapping_matches_both_files(sports):
     theirs = inter[["userID", "itemID", "x_label"]].sort_values(["userID", "itemID"]).to_numpy()
     assert np.array_equal(ours, theirs)  # indices are the MMRec IDs, labels kept
     lines = (folder / "user_sequence.txt").read_text().split("\n")
-    seq = {(tokens[0], item): pos for tokens in (ln.split() for ln in lines if ln) for pos, item in
-           enumerate(tokens[1:])}
+    seq = {
+        (tokens[0], item): pos for tokens in (ln.split() for ln in lines if ln) for pos, item in enumerate(tokens[1:])
+    }
     users = ds.users["user_id"].to_numpy()[ds.interactions["user_idx"]]
     items = ds.items["item_id"].to_numpy()[ds.interactions["item_idx"]]
     positions = [seq.get(pair) for pair in zip(users, items, strict=True)]
@@ -172,8 +187,9 @@ def test_hm_sample_keeps_all_articles_with_real_images(tmp_path):
 
 
 def test_hm_sample_kcore_leaves_nothing(tmp_path):
-    rc, _, err = run(["table", "--preset", "hm-sample", "--root", shared("hm-sample"), "--kcore", "5",
-                      "--out", tmp_path / "hm"])
+    rc, _, err = run(
+        ["table", "--preset", "hm-sample", "--root", shared("hm-sample"), "--kcore", "5", "--out", tmp_path / "hm"]
+    )
     assert rc == 1 and "no interactions left after 5-core filtering (4977 before); lower --kcore" in err
 
 
@@ -212,13 +228,22 @@ def test_mmrec_skips_malformed_and_duplicates_and_records_features(toy_mmrec):
     assert f"[malformed] {path}:8: x_label '7' is not 0, 1 or 2" in skips.examples
     assert f"[duplicate_interaction] {path}:9: user '0' and item '1' again; kept the earliest" in skips.examples
     assert ds.interactions[["user_idx", "item_idx", "split"]].to_numpy().tolist() == [
-        [0, 0, 0], [0, 1, 0], [0, 2, 1], [1, 0, 2], [1, 2, 0]]
-    assert ds.meta["mmrec_features"] == {"text": str(toy_mmrec / "text_feat.npy"),
-                                         "image": str(toy_mmrec / "image_feat.npy")}
+        [0, 0, 0],
+        [0, 1, 0],
+        [0, 2, 1],
+        [1, 0, 2],
+        [1, 2, 0],
+    ]
+    assert ds.meta["mmrec_features"] == {
+        "text": str(toy_mmrec / "text_feat.npy"),
+        "image": str(toy_mmrec / "image_feat.npy"),
+    }
 
 
 def test_mmrec_strict_and_malformed_limit(toy_mmrec):
-    with pytest.raises(DatasetError, match=r"toy.inter:7: expected 4 tab-separated fields, found 3 \(--strict: malformed"):
+    with pytest.raises(
+        DatasetError, match=r"toy.inter:7: expected 4 tab-separated fields, found 3 \(--strict: malformed"
+    ):
         read_mmrec(toy_mmrec, SkipLog(strict=True))
     with pytest.raises(DatasetError, match=r"toy.inter:8: .*3 malformed lines so far, more than --max-malformed 2"):
         read_mmrec(toy_mmrec, SkipLog(max_malformed=2))
@@ -252,8 +277,11 @@ def _sequence_fixture(tmp_path: Path, rng: np.random.Generator) -> tuple[Path, d
     folder.mkdir()
     (folder / "seq.inter").write_text("userID\titemID\tx_label\n" + "".join(f"{u}\t{i}\t0\n" for u, i in head + rest))
     (folder / "user_sequence.txt").write_text("\n".join(lines) + "\n")
-    return folder, {str(user_id[u]): f"U{u:03d}" for u in range(n_users)}, {item_id[i]: f"B{i:04d}" for i in
-                                                                           range(n_items)}
+    return (
+        folder,
+        {str(user_id[u]): f"U{u:03d}" for u in range(n_users)},
+        {item_id[i]: f"B{i:04d}" for i in range(n_items)},
+    )
 
 
 def test_user_sequence_alignment_recovers_shuffled_ids(tmp_path):
@@ -266,8 +294,10 @@ def test_user_sequence_alignment_recovers_shuffled_ids(tmp_path):
     last_items = {ln.split()[0]: ln.split()[-1] for ln in (folder / "user_sequence.txt").read_text().splitlines()}
     test = ds.interactions[ds.interactions["split"] == 2]
     assert len(test) == len(users)  # 4 to 8 items each: exactly one test item per user, the last one
-    assert all(last_items[ds.users["user_id"][u]] == ds.items["item_id"][i]
-               for u, i in zip(test["user_idx"], test["item_idx"], strict=True))
+    assert all(
+        last_items[ds.users["user_id"][u]] == ds.items["item_id"][i]
+        for u, i in zip(test["user_idx"], test["item_idx"], strict=True)
+    )
 
 
 def test_user_sequence_mismatch_fails_loudly(tmp_path):
@@ -327,10 +357,16 @@ META_2014 = [
 
 
 def test_amazon_2014_gz_reviews_and_literal_meta(tmp_path):
-    rows = [("u1", "A1", 5.0, 100), ("u1", "A2", 4.0, 101), ("u1", "A3", 3.0, 102),
-            ("u2", "A1", 5.0, 200), ("u2", "A2", 2.0, 201), ("u2", "A3", 1.0, 202),
-            ("u2", "A1", 1.0, 150),  # duplicate, earlier: kept instead of the t=200 one
-            ("u3", "A9", 4.0, 300)]  # A9 has no meta: unknown item
+    rows = [
+        ("u1", "A1", 5.0, 100),
+        ("u1", "A2", 4.0, 101),
+        ("u1", "A3", 3.0, 102),
+        ("u2", "A1", 5.0, 200),
+        ("u2", "A2", 2.0, 201),
+        ("u2", "A3", 1.0, 202),
+        ("u2", "A1", 1.0, 150),  # duplicate, earlier: kept instead of the t=200 one
+        ("u3", "A9", 4.0, 300),
+    ]  # A9 has no meta: unknown item
     lines = _reviews(rows)
     lines.insert(3, "{not json")
     lines.insert(5, json.dumps({"reviewerID": "u3", "asin": "A1", "overall": 5, "unixReviewTime": "soon"}))
@@ -340,15 +376,22 @@ def test_amazon_2014_gz_reviews_and_literal_meta(tmp_path):
     skips = SkipLog()
     ds = build_dataset(read_amazon(reviews, meta, skips), BuildOptions(kcore=1), skips)
     assert ds.meta["skipped"] == {"duplicate_interaction": 1, "duplicate_item": 0, "malformed": 3, "unknown_item": 1}
-    assert f"[malformed] {reviews}:4: bad JSON (Expecting property name enclosed in double quotes at column 2)" \
+    assert (
+        f"[malformed] {reviews}:4: bad JSON (Expecting property name enclosed in double quotes at column 2)"
         in skips.examples
+    )
     assert f"[malformed] {reviews}:6: unixReviewTime 'soon' is not an integer" in skips.examples
     assert f"[malformed] {meta}:5: meta record without asin" in skips.examples
     assert ds.name == "reviews_Baby" and ds.users["user_id"].tolist() == ["u1", "u2"]
     assert ds.items["item_id"].tolist() == ["A1", "A2", "A3"]  # A4 has no reviews
     a1 = ds.items.iloc[0]
     assert (a1["title"], a1["description"], a1["brand"], a1["categories"], a1["image_url"]) == (
-        "Soft Blanket", "Warm.", "Cosy", "Baby|Bedding", "http://img/a1.jpg")
+        "Soft Blanket",
+        "Warm.",
+        "Cosy",
+        "Baby|Bedding",
+        "http://img/a1.jpg",
+    )
     assert ds.items.iloc[1]["title"] == "Kid's Cup"
     kept = ds.interactions[(ds.interactions["user_idx"] == 1) & (ds.interactions["item_idx"] == 0)]
     assert kept[["timestamp", "rating"]].to_numpy().tolist() == [[150, 1.0]]
@@ -361,9 +404,18 @@ def test_amazon_2018_meta_and_default_5core(tmp_path):
     rows += [("lonely", "I0", 1.0, 999), ("u1", "rare", 1.0, 998)]  # below 5-core
     reviews = tmp_path / "Baby_5.json"
     reviews.write_text("\n".join(_reviews(rows)) + "\n")
-    meta = [{"asin": i, "title": f"Item {i}", "description": ["Line one.", "Line two."], "brand": "B",
-             "category": ["Baby", "Toys", "Baby"], "imageURLHighRes": [f"http://hi/{i}.jpg"],
-             "imageURL": [f"http://lo/{i}.jpg"]} for i in [*items, "rare"]]
+    meta = [
+        {
+            "asin": i,
+            "title": f"Item {i}",
+            "description": ["Line one.", "Line two."],
+            "brand": "B",
+            "category": ["Baby", "Toys", "Baby"],
+            "imageURLHighRes": [f"http://hi/{i}.jpg"],
+            "imageURL": [f"http://lo/{i}.jpg"],
+        }
+        for i in [*items, "rare"]
+    ]
     meta_path = _write_gz(tmp_path / "meta_Baby.json.gz", [json.dumps(m) for m in meta])
     skips = SkipLog()
     ds = build_dataset(read_amazon(reviews, meta_path, skips), BuildOptions(), skips)
@@ -372,15 +424,26 @@ def test_amazon_2018_meta_and_default_5core(tmp_path):
     assert split_sizes(ds) == (18, 6, 6)
     item = ds.items.iloc[0]
     assert (item["description"], item["categories"], item["image_url"]) == (
-        "Line one. Line two.", "Baby|Toys", "http://hi/I0.jpg")
+        "Line one. Line two.",
+        "Baby|Toys",
+        "http://hi/I0.jpg",
+    )
     rc, summary, err = run(["amazon", "--reviews", reviews, "--meta", meta_path, "--out", tmp_path / "cli"])
     assert rc == 0 and summary["interactions"] == {"train": 18, "valid": 6, "test": 6} and summary["kcore_removed"] == 2
 
 
 def test_kcore_iterates_until_stable(tmp_path):
     # a chain: dropping item c (1 interaction) leaves u3 with 1, dropping u3 leaves b with 1, and so on
-    rows = [("u1", "a", 1.0, 1), ("u1", "x", 1.0, 2), ("u2", "a", 1.0, 3), ("u2", "x", 1.0, 4),
-            ("u3", "b", 1.0, 5), ("u3", "c", 1.0, 6), ("u4", "b", 1.0, 7), ("u4", "a", 1.0, 8)]
+    rows = [
+        ("u1", "a", 1.0, 1),
+        ("u1", "x", 1.0, 2),
+        ("u2", "a", 1.0, 3),
+        ("u2", "x", 1.0, 4),
+        ("u3", "b", 1.0, 5),
+        ("u3", "c", 1.0, 6),
+        ("u4", "b", 1.0, 7),
+        ("u4", "a", 1.0, 8),
+    ]
     reviews = tmp_path / "r.json"
     reviews.write_text("\n".join(_reviews(rows)) + "\n")
     skips = SkipLog()
@@ -410,13 +473,15 @@ def test_gzip_without_gz_name(tmp_path):
 def test_parquet_that_is_csv_and_csv_that_is_parquet(tmp_path):
     fake = tmp_path / "inter.parquet"
     fake.write_text("user,item\n1,2\n")
-    rc, _, err = run(["table", "--interactions", fake, "--user-col", "user", "--item-col", "item",
-                      "--out", tmp_path / "o"])
+    rc, _, err = run(
+        ["table", "--interactions", fake, "--user-col", "user", "--item-col", "item", "--out", tmp_path / "o"]
+    )
     assert rc == 1 and "inter.parquet: not a Parquet file (it is text starting b'user,item" in err
     real = tmp_path / "inter.csv"
     pd.DataFrame({"user": [1], "item": [2]}).to_parquet(real)
-    rc, _, err = run(["table", "--interactions", real, "--user-col", "user", "--item-col", "item",
-                      "--out", tmp_path / "o"])
+    rc, _, err = run(
+        ["table", "--interactions", real, "--user-col", "user", "--item-col", "item", "--out", tmp_path / "o"]
+    )
     assert rc == 1 and "inter.csv: is Parquet, not text" in err
 
 
@@ -425,9 +490,11 @@ def test_broken_json_array_names_the_line(tmp_path):
     (tmp_path / "items.csv").write_text("i,name\n1,one\n")
     (tmp_path / "details.json").write_text('[\n  {"i": 1, "d": "x"},\n  {"i": 2 "d": "y"}\n]\n')
     spec = tmp_path / "spec.yaml"
-    spec.write_text("interactions: {path: inter.csv, user: u, item: i}\n"
-                    "items: {path: items.csv, key: i, title: name, joins: [{path: details.json, key: i, "
-                    "description: d}]}\n")
+    spec.write_text(
+        "interactions: {path: inter.csv, user: u, item: i}\n"
+        "items: {path: items.csv, key: i, title: name, joins: [{path: details.json, key: i, "
+        "description: d}]}\n"
+    )
     rc, _, err = run(["table", "--preset", spec, "--root", tmp_path, "--out", tmp_path / "o"])
     assert rc == 1 and "details.json:3: not valid JSON (Expecting ',' delimiter" in err
 
@@ -443,28 +510,53 @@ def shop(tmp_path) -> Path:
         "c1,11,2024-01-01,4\n"
         "c1,12,2024-01-02,3\n"
         "c2,10,2024-02-01,2\n"
-        "c2,99,2024-02-02,1\n"     # line 6: unknown article
-        "c2,11,2024-02-03\n"       # line 7: one field short
-        "c2,010,2024-02-04,5\n"    # line 8: the same article written "010": duplicate
-        "c3,abc,2024-02-05,5\n"    # line 9: non-integer article
-        "c3,11,yesterday,5\n"      # line 10: bad date
+        "c2,99,2024-02-02,1\n"  # line 6: unknown article
+        "c2,11,2024-02-03\n"  # line 7: one field short
+        "c2,010,2024-02-04,5\n"  # line 8: the same article written "010": duplicate
+        "c3,abc,2024-02-05,5\n"  # line 9: non-integer article
+        "c3,11,yesterday,5\n"  # line 10: bad date
     )
-    pd.DataFrame({"article": [10, 11, 12, 13], "name": ["Mug", "Cup", "Bowl", "Plate"],
-                  "about": ['Tall, "blue" mug', None, "Deep bowl", "Flat"],
-                  "kind": ["kitchen", "kitchen", "kitchen", "table"],
-                  "colour": [["blue", "white"], ["red"], [], ["white"]]}).to_parquet(tmp_path / "articles.parquet")
+    pd.DataFrame(
+        {
+            "article": [10, 11, 12, 13],
+            "name": ["Mug", "Cup", "Bowl", "Plate"],
+            "about": ['Tall, "blue" mug', None, "Deep bowl", "Flat"],
+            "kind": ["kitchen", "kitchen", "kitchen", "table"],
+            "colour": [["blue", "white"], ["red"], [], ["white"]],
+        }
+    ).to_parquet(tmp_path / "articles.parquet")
     return tmp_path
 
 
-SHOP_FLAGS = ["--interactions", "inter.csv", "--user-col", "customer", "--item-col", "article",
-              "--time-col", "when", "--rating-col", "stars", "--items", "articles.parquet", "--item-key", "article",
-              "--item-field", "title=name", "--item-field", "description=about",
-              "--item-field", "categories=kind,colour", "--integer-item-ids"]
+SHOP_FLAGS = [
+    "--interactions",
+    "inter.csv",
+    "--user-col",
+    "customer",
+    "--item-col",
+    "article",
+    "--time-col",
+    "when",
+    "--rating-col",
+    "stars",
+    "--items",
+    "articles.parquet",
+    "--item-key",
+    "article",
+    "--item-field",
+    "title=name",
+    "--item-field",
+    "description=about",
+    "--item-field",
+    "categories=kind,colour",
+    "--integer-item-ids",
+]
 
 
 def test_table_flags_counted_skips_and_fields(shop):
-    rc, summary, err = run(["table", "--root", shop, *SHOP_FLAGS, "--keep-cold-items", "--split", "chrono",
-                            "--out", shop / "out"])
+    rc, summary, err = run(
+        ["table", "--root", shop, *SHOP_FLAGS, "--keep-cold-items", "--split", "chrono", "--out", shop / "out"]
+    )
     assert rc == 0, err
     assert summary["skipped"] == {"duplicate_interaction": 1, "duplicate_item": 0, "malformed": 3, "unknown_item": 1}
     assert f"{shop / 'inter.csv'}:6: item '99' is not in the item table" in err

@@ -36,8 +36,15 @@ def test_holdout_sizes_reject_bad_ratios():
 def test_random_split_sizes_per_user():
     frame = _frame([1, 2, 3, 5, 10, 20, 31])
     labels = assign_split(frame, "random", seed=3)
-    assert _counts(frame, labels) == {0: (1, 0, 0), 1: (2, 0, 0), 2: (1, 1, 1), 3: (3, 1, 1), 4: (8, 1, 1),
-                                      5: (16, 2, 2), 6: (25, 3, 3)}
+    assert _counts(frame, labels) == {
+        0: (1, 0, 0),
+        1: (2, 0, 0),
+        2: (1, 1, 1),
+        3: (3, 1, 1),
+        4: (8, 1, 1),
+        5: (16, 2, 2),
+        6: (25, 3, 3),
+    }
 
 
 def test_random_split_is_seeded_and_ignores_row_order():
@@ -57,8 +64,9 @@ def test_random_split_varies_which_items_are_held_out():
 
 
 def test_chrono_split_holds_out_the_latest():
-    frame = pd.DataFrame({"user_idx": [0] * 5 + [1] * 2, "item_idx": [4, 3, 2, 1, 0, 9, 8],
-                          "timestamp": [50, 10, 40, 20, 30, 1, 2]})
+    frame = pd.DataFrame(
+        {"user_idx": [0] * 5 + [1] * 2, "item_idx": [4, 3, 2, 1, 0, 9, 8], "timestamp": [50, 10, 40, 20, 30, 1, 2]}
+    )
     labels = chrono_split(frame["user_idx"].to_numpy(), frame["timestamp"].to_numpy())
     # user 0: latest (t=50) test, next (t=40) valid; user 1 has two interactions: all train
     assert labels.tolist() == [2, 0, 1, 0, 0, 0, 0]

@@ -30,9 +30,13 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # keep every Ray server the tests start on 127.0.0.1 (see dprec.features.pipeline._init_ray)
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
-SHARED_DATA = Path(os.environ.get("DPREC_SHARED_DATA") or Path(__file__).resolve().parents[2].parent / "shared" / "data")
-WORDS = ("kettle teapot brew water boil steam handle spout lid whistle copper steel garden trowel soil seed "
-         "planter tent lantern trail hiking camp stove yoga mat dumbbell towel soap").split()
+SHARED_DATA = Path(
+    os.environ.get("DPREC_SHARED_DATA") or Path(__file__).resolve().parents[2].parent / "shared" / "data"
+)
+WORDS = (
+    "kettle teapot brew water boil steam handle spout lid whistle copper steel garden trowel soil seed "
+    "planter tent lantern trail hiking camp stove yoga mat dumbbell towel soap"
+).split()
 CORRUPT_JPEG = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + bytes(range(256)) * 4
 
 
@@ -60,12 +64,19 @@ def generated_items(folder: Path) -> pd.DataFrame:
     Image.new("RGB", (120, 90), (30, 140, 60)).save(folder / "images" / "file.png")
     rows = []
     for i in range(n):
-        rows.append({
-            "item_idx": i, "item_id": f"G{i:03d}", "title": f"{rng.choice(WORDS)} {rng.choice(WORDS)} model {i}",
-            "description": " ".join(rng.choice(WORDS, 12 + 5 * (i % 4))), "brand": ["Acme", "Globex", ""][i % 3],
-            "categories": "home|kitchen" if i % 2 else "outdoor", "image_path": "", "image_url": "",
-            "image_bytes": png_bytes((int(rng.integers(0, 255)), 80, 160), i % 4),
-        })
+        rows.append(
+            {
+                "item_idx": i,
+                "item_id": f"G{i:03d}",
+                "title": f"{rng.choice(WORDS)} {rng.choice(WORDS)} model {i}",
+                "description": " ".join(rng.choice(WORDS, 12 + 5 * (i % 4))),
+                "brand": ["Acme", "Globex", ""][i % 3],
+                "categories": "home|kitchen" if i % 2 else "outdoor",
+                "image_path": "",
+                "image_url": "",
+                "image_bytes": png_bytes((int(rng.integers(0, 255)), 80, 160), i % 4),
+            }
+        )
     rows[2].update(title="", description="", brand="", categories="")  # empty text -> text_empty
     rows[4]["description"] = "x" * 1_000_000  # 1 MB description -> capped, text_truncated
     rows[5]["image_bytes"] = CORRUPT_JPEG  # -> image_decode_error
@@ -79,8 +90,13 @@ def generated_items(folder: Path) -> pd.DataFrame:
 def extract_config(dataset: Path, out: Path, **overrides) -> ExtractConfig:
     """The configuration every generated-data run shares, so that their shards must be byte-identical."""
     base = dict(
-        dataset=str(dataset), out=str(out), text=TextConfig(model="minilm", batch_size=4),
-        image=ImageConfig(batch_size=4), items_per_shard=4, torch_threads=1, executor="local",
+        dataset=str(dataset),
+        out=str(out),
+        text=TextConfig(model="minilm", batch_size=4),
+        image=ImageConfig(batch_size=4),
+        items_per_shard=4,
+        torch_threads=1,
+        executor="local",
     )
     base.update(overrides)
     return ExtractConfig(**base)
@@ -108,7 +124,9 @@ class Direct:
             for i in rows:
                 item = dataset.items.iloc[i]
                 fields = {k: clean_field(item[k], 20_000)[0] for k in ("title", "brand", "categories", "description")}
-                enc = self.tokenizer(render_item(fields, "{item}"), truncation=True, max_length=256, return_tensors="pt")
+                enc = self.tokenizer(
+                    render_item(fields, "{item}"), truncation=True, max_length=256, return_tensors="pt"
+                )
                 hidden = self.text_model(**enc).last_hidden_state[0]
                 out.append(torch.nn.functional.normalize(hidden.mean(0), dim=0).numpy())
         return np.stack(out)
@@ -165,13 +183,17 @@ def long_generated(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("long_generated")
     rng = np.random.default_rng(11)
     n = 32
-    items = pd.DataFrame({
-        "item_idx": range(n), "item_id": [f"L{i:03d}" for i in range(n)],
-        "title": [f"{rng.choice(WORDS)} set {i}" for i in range(n)],
-        "description": [" ".join(rng.choice(WORDS, 300)) for _ in range(n)],
-        "brand": ["Stark"] * n, "categories": ["tools|home"] * n,
-        "image_bytes": [png_bytes((i * 5 % 255, 20, 90), i % 4) for i in range(n)],
-    })
+    items = pd.DataFrame(
+        {
+            "item_idx": range(n),
+            "item_id": [f"L{i:03d}" for i in range(n)],
+            "title": [f"{rng.choice(WORDS)} set {i}" for i in range(n)],
+            "description": [" ".join(rng.choice(WORDS, 300)) for _ in range(n)],
+            "brand": ["Stark"] * n,
+            "categories": ["tools|home"] * n,
+            "image_bytes": [png_bytes((i * 5 % 255, 20, 90), i % 4) for i in range(n)],
+        }
+    )
     return save_items(folder, items, "long_generated")
 
 
@@ -191,21 +213,24 @@ def hm(tmp_path_factory) -> Path:
     articles = pd.read_parquet(root / "articles_sample.parquet")
     photo = articles["article_id"].map(lambda a: (root / "images" / f"{int(a):010d}.jpg").is_file())
     articles = articles[photo].sort_values("article_id").reset_index(drop=True)
-    items = pd.DataFrame({
-        "item_idx": range(len(articles)),
-        "item_id": articles["article_id"].astype(str),
-        "title": articles["prod_name"],
-        "description": articles["detail_desc"],
-        "categories": articles["product_type_name"] + "|" + articles["colour_group_name"],
-        "image_path": [str(root / "images" / f"{int(a):010d}.jpg") for a in articles["article_id"]],
-    })
+    items = pd.DataFrame(
+        {
+            "item_idx": range(len(articles)),
+            "item_id": articles["article_id"].astype(str),
+            "title": articles["prod_name"],
+            "description": articles["detail_desc"],
+            "categories": articles["product_type_name"] + "|" + articles["colour_group_name"],
+            "image_path": [str(root / "images" / f"{int(a):010d}.jpg") for a in articles["article_id"]],
+        }
+    )
     tx = pd.read_parquet(root / "transactions_sample.parquet")
     index = {a: i for i, a in enumerate(articles["article_id"])}
     tx = tx[tx["article_id"].isin(index)].drop_duplicates(["customer_id", "article_id"])
     customers = sorted(tx["customer_id"].astype(str).unique())
     uidx = {c: i for i, c in enumerate(customers)}
-    inter = pd.DataFrame({"user_idx": tx["customer_id"].astype(str).map(uidx), "item_idx": tx["article_id"].map(index),
-                          "split": 0})
+    inter = pd.DataFrame(
+        {"user_idx": tx["customer_id"].astype(str).map(uidx), "item_idx": tx["article_id"].map(index), "split": 0}
+    )
     users = pd.DataFrame({"user_idx": range(len(customers)), "user_id": customers})
     folder = tmp_path_factory.mktemp("hm")
     save_dataset(make_dataset("hm-sample-photos", inter, items, users), folder)

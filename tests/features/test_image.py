@@ -64,8 +64,9 @@ def _tiny_vit(folder):
     from transformers import ViTConfig, ViTImageProcessor, ViTModel
 
     torch.manual_seed(0)
-    cfg = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37, image_size=32,
-                    patch_size=8)
+    cfg = ViTConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37, image_size=32, patch_size=8
+    )
     ViTModel(cfg).save_pretrained(folder)
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
     return folder
@@ -76,9 +77,17 @@ def _tiny_clip(folder):
 
     torch.manual_seed(0)
     cfg = CLIPConfig(
-        text_config=dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=20, vocab_size=99),
-        vision_config=dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=20,
-                           image_size=32, patch_size=8),
+        text_config=dict(
+            hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=20, vocab_size=99
+        ),
+        vision_config=dict(
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=20,
+            image_size=32,
+            patch_size=8,
+        ),
         projection_dim=12,
     )
     CLIPModel(cfg).save_pretrained(folder)

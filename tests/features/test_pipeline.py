@@ -26,16 +26,27 @@ from dprec.features.text import TextConfig, render_item
 def test_generated_faults_are_flagged_and_counted(generated, generated_reference):
     feats = read_features(generated_reference, dataset=generated)
     manifest = load_manifest(generated_reference)
-    assert manifest["counts"] == {"image_decode_error": 1, "image_file_missing": 1, "image_none": 1,
-                                  "image_url_not_fetched": 1, "text_empty": 1, "text_truncated": 1}
+    assert manifest["counts"] == {
+        "image_decode_error": 1,
+        "image_file_missing": 1,
+        "image_none": 1,
+        "image_url_not_fetched": 1,
+        "text_empty": 1,
+        "text_truncated": 1,
+    }
     assert np.flatnonzero(feats["text_missing"]).tolist() == [2]
     assert np.flatnonzero(feats["image_missing"]).tolist() == [5, 7, 10, 11]
     assert not feats["text"][2].any() and not feats["image"][[5, 7, 10, 11]].any()
     assert feats["text"][4].any() and np.isfinite(feats["text"]).all()
     with tarfile.open(generated_reference / "items-000001.tar") as tar:
         meta = json.loads(tar.extractfile("000000005.meta.json").read())
-    assert meta == {"flags": ["image_decode_error"], "image_missing": True, "item_id": "G005", "item_idx": 5,
-                    "text_missing": False}
+    assert meta == {
+        "flags": ["image_decode_error"],
+        "image_missing": True,
+        "item_id": "G005",
+        "item_idx": 5,
+        "text_missing": False,
+    }
     assert manifest["spec"]["modalities"]["text"]["pooling"] == "mean"
     assert manifest["dims"] == {"image": 1280, "text": 384}
 
@@ -47,8 +58,7 @@ def test_generated_vectors_equal_direct_computation(generated, generated_referen
     np.testing.assert_allclose(feats["text"][text_rows], direct.text(dataset, text_rows), atol=1e-5)
     image_rows = [i for i in range(dataset.n_items) if not feats["image_missing"][i]]
     assert 8 in image_rows  # the image given as a file relative to the dataset folder
-    np.testing.assert_allclose(feats["image"][image_rows], direct.image(dataset, image_rows),
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(feats["image"][image_rows], direct.image(dataset, image_rows), rtol=1e-4, atol=1e-5)
 
 
 def test_rerun_skips_everything_and_changes_nothing(generated, generated_reference, make_config, read_shard_bytes):
@@ -76,25 +86,41 @@ def test_non_utf8_text_bytes_are_decoded_and_counted(generated, tmp_path, make_c
 
 def test_template_with_extra_attributes(tmp_path, make_config, make_items_dataset, direct):
     """A view built from items.extra (MovieLens: genres, year, director, cast): rendered, embedded, counted."""
-    extras = [{"director": ["Jane Campion"], "cast": ["Holly Hunter", "Harvey Keitel"], "release_year": "1993"},
-              {"director": ["John Lasseter"], "cast": ["Tom Hanks"], "release_year": 1995},
-              {"cast": []},  # no attribute the template shows, and no categories: text_empty
-              {"director": "Akira Kurosawa"}]
-    items = pd.DataFrame({"item_idx": range(4), "item_id": [f"M{i}" for i in range(4)],
-                          "title": ["The Piano", "Toy Story", "Blank", "Ran"],
-                          "categories": ["Drama|Romance", "Animation|Comedy", "", "Drama"],
-                          "extra": [json.dumps(e) for e in extras]})
+    extras = [
+        {"director": ["Jane Campion"], "cast": ["Holly Hunter", "Harvey Keitel"], "release_year": "1993"},
+        {"director": ["John Lasseter"], "cast": ["Tom Hanks"], "release_year": 1995},
+        {"cast": []},  # no attribute the template shows, and no categories: text_empty
+        {"director": "Akira Kurosawa"},
+    ]
+    items = pd.DataFrame(
+        {
+            "item_idx": range(4),
+            "item_id": [f"M{i}" for i in range(4)],
+            "title": ["The Piano", "Toy Story", "Blank", "Ran"],
+            "categories": ["Drama|Romance", "Animation|Comedy", "", "Drama"],
+            "extra": [json.dumps(e) for e in extras],
+        }
+    )
     folder = make_items_dataset(tmp_path / "movies", items, "movies")
     template = "Genres: {categories}\nYear: {release_year}\nDirector: {director}\nCast: {cast}"
     out = tmp_path / "view-b"
-    summary = run_extract(make_config(folder, out, image=None, text=TextConfig(model="minilm", prompt_template=template)))
+    summary = run_extract(
+        make_config(folder, out, image=None, text=TextConfig(model="minilm", prompt_template=template))
+    )
     assert summary.failures == {"text_empty": 1}
     feats = read_features(out, dataset=folder)
     assert np.flatnonzero(feats["text_missing"]).tolist() == [2]
     assert load_manifest(out)["spec"]["modalities"]["text"]["prompt_template"] == template
 
-    prompt = render_item({"categories": "Drama|Romance", "release_year": "1993", "director": "Jane Campion",
-                          "cast": "Holly Hunter, Harvey Keitel"}, template)
+    prompt = render_item(
+        {
+            "categories": "Drama|Romance",
+            "release_year": "1993",
+            "director": "Jane Campion",
+            "cast": "Holly Hunter, Harvey Keitel",
+        },
+        template,
+    )
     assert prompt == "Genres: Drama, Romance\nYear: 1993\nDirector: Jane Campion\nCast: Holly Hunter, Harvey Keitel"
     with torch.inference_mode():
         enc = direct.tokenizer(prompt, return_tensors="pt")
@@ -103,5 +129,11 @@ def test_template_with_extra_attributes(tmp_path, make_config, make_items_datase
     assert feats["text"][3].any()  # a director alone is text
 
     with pytest.raises(ExtractError, match=r"\['studio'\]"):
-        run_extract(make_config(folder, tmp_path / "bad", image=None,
-                                text=TextConfig(model="minilm", prompt_template="{title} by {studio}")))
+        run_extract(
+            make_config(
+                folder,
+                tmp_path / "bad",
+                image=None,
+                text=TextConfig(model="minilm", prompt_template="{title} by {studio}"),
+            )
+        )

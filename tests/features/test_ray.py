@@ -21,8 +21,14 @@ from dprec.features.pipeline import ExtractError, run_extract
 ray = pytest.importorskip("ray")
 
 pytestmark = pytest.mark.slow
-GENERATED_FAILURES = {"image_decode_error": 1, "image_file_missing": 1, "image_none": 1, "image_url_not_fetched": 1,
-                      "text_empty": 1, "text_truncated": 1}
+GENERATED_FAILURES = {
+    "image_decode_error": 1,
+    "image_file_missing": 1,
+    "image_none": 1,
+    "image_url_not_fetched": 1,
+    "text_empty": 1,
+    "text_truncated": 1,
+}
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +36,9 @@ def cluster():
     from ray.cluster_utils import Cluster
 
     assert not ray.is_initialized()
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
-                                                     "node_ip_address": "127.0.0.1"})
+    c = Cluster(
+        initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False, "node_ip_address": "127.0.0.1"}
+    )
     try:
         c.add_node(num_cpus=1, node_ip_address="127.0.0.1")
         ray.init(address=c.address)
@@ -44,8 +51,12 @@ def cluster():
 
 def cluster_pids(cluster) -> list[int]:
     """This test's own Ray processes: every node's servers and their descendants (workers, actors)."""
-    roots = [p.process.pid for node in [cluster.head_node, *cluster.worker_nodes]
-             for procs in node.all_processes.values() for p in procs]
+    roots = [
+        p.process.pid
+        for node in [cluster.head_node, *cluster.worker_nodes]
+        for procs in node.all_processes.values()
+        for p in procs
+    ]
     kids = [c.pid for r in roots if psutil.pid_exists(r) for c in psutil.Process(r).children(recursive=True)]
     return roots + kids
 
@@ -67,8 +78,11 @@ def is_loopback(ip: str) -> bool:
 
 
 def listening_beyond_loopback(pids: list[int]) -> list[str]:
-    return [f"pid {c.pid} on {c.laddr.ip}:{c.laddr.port}" for c in psutil.net_connections(kind="inet")
-            if c.status == psutil.CONN_LISTEN and c.pid in pids and not is_loopback(c.laddr.ip)]
+    return [
+        f"pid {c.pid} on {c.laddr.ip}:{c.laddr.port}"
+        for c in psutil.net_connections(kind="inet")
+        if c.status == psutil.CONN_LISTEN and c.pid in pids and not is_loopback(c.laddr.ip)
+    ]
 
 
 def alive(pid: int) -> bool:
@@ -78,11 +92,13 @@ def alive(pid: int) -> bool:
         return False
 
 
-def test_two_nodes_two_actors_each_write_the_local_executor_bytes(cluster, generated, generated_reference, tmp_path,
-                                                                   make_config, read_shard_bytes):
+def test_two_nodes_two_actors_each_write_the_local_executor_bytes(
+    cluster, generated, generated_reference, tmp_path, make_config, read_shard_bytes
+):
     assert len([n for n in ray.nodes() if n["Alive"]]) == 2
-    summary = run_extract(make_config(generated, tmp_path, executor="ray", text_actors=2, image_actors=2,
-                                      cpus_per_actor=0.5))
+    summary = run_extract(
+        make_config(generated, tmp_path, executor="ray", text_actors=2, image_actors=2, cpus_per_actor=0.5)
+    )
     assert summary.nodes == 2, "actors did not run on both nodes"
     assert summary.shards_written == 4 and summary.failures == GENERATED_FAILURES
     assert read_shard_bytes(tmp_path) == read_shard_bytes(generated_reference)
@@ -90,8 +106,9 @@ def test_two_nodes_two_actors_each_write_the_local_executor_bytes(cluster, gener
     assert not listening_beyond_loopback(cluster_pids(cluster))
 
 
-def test_actor_killed_mid_run_every_item_once(cluster, long_generated, long_reference, tmp_path, make_config,
-                                              read_shard_bytes):
+def test_actor_killed_mid_run_every_item_once(
+    cluster, long_generated, long_reference, tmp_path, make_config, read_shard_bytes
+):
     killed: list[int] = []
 
     def kill_text_actor(entry):
@@ -101,8 +118,9 @@ def test_actor_killed_mid_run_every_item_once(cluster, long_generated, long_refe
             victims[0].send_signal(signal.SIGKILL)
             killed.append(victims[0].pid)
 
-    summary = run_extract(make_config(long_generated, tmp_path, executor="ray", cpus_per_actor=1.0),
-                          on_shard=kill_text_actor)
+    summary = run_extract(
+        make_config(long_generated, tmp_path, executor="ray", cpus_per_actor=1.0), on_shard=kill_text_actor
+    )
     assert killed and not alive(killed[0])
     assert summary.items_computed == 32 and summary.shards_written == 8
     keys = []

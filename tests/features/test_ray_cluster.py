@@ -42,17 +42,27 @@ def is_loopback(ip: str) -> bool:
 
 
 def listening_beyond_loopback(pids: set[int]) -> list[str]:
-    return [f"pid {c.pid} on {c.laddr.ip}:{c.laddr.port}" for c in psutil.net_connections(kind="inet")
-            if c.status == psutil.CONN_LISTEN and c.pid in pids and not is_loopback(c.laddr.ip)]
+    return [
+        f"pid {c.pid} on {c.laddr.ip}:{c.laddr.port}"
+        for c in psutil.net_connections(kind="inet")
+        if c.status == psutil.CONN_LISTEN and c.pid in pids and not is_loopback(c.laddr.ip)
+    ]
 
 
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
     """A head on 127.0.0.1 from cluster/start_ray_head.sh, stopped by the same script (by pid) afterwards."""
-    env = dict(os.environ, RAY_HEAD_PORT=str(free_port()), RAY_DASHBOARD_PORT=str(free_port()), RAY_NUM_CPUS="2",
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", PYTHON=sys.executable)
-    start = subprocess.run(["bash", str(REPO / "cluster" / "start_ray_head.sh")], env=env, capture_output=True,
-                           text=True, timeout=120)
+    env = dict(
+        os.environ,
+        RAY_HEAD_PORT=str(free_port()),
+        RAY_DASHBOARD_PORT=str(free_port()),
+        RAY_NUM_CPUS="2",
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        PYTHON=sys.executable,
+    )
+    start = subprocess.run(
+        ["bash", str(REPO / "cluster" / "start_ray_head.sh")], env=env, capture_output=True, text=True, timeout=120
+    )
     lines = dict(line.split("=", 1) for line in start.stdout.splitlines() if line.startswith("RAY_"))
     temp_dir = lines.get("RAY_TEMP_DIR")
     try:
@@ -61,8 +71,13 @@ def ray_head(tmp_path_factory):
         yield {"address": lines["RAY_ADDRESS"], "temp_dir": temp_dir, "env": client_env}
     finally:
         if temp_dir:
-            stop = subprocess.run(["bash", str(REPO / "cluster" / "start_ray_head.sh"), "stop", temp_dir], env=env,
-                                  capture_output=True, text=True, timeout=60)
+            stop = subprocess.run(
+                ["bash", str(REPO / "cluster" / "start_ray_head.sh"), "stop", temp_dir],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
             assert stop.returncode == 0, stop.stdout + stop.stderr
             assert not [p for p in head_pids(temp_dir) if alive(p)]
 
@@ -82,16 +97,42 @@ def head_pids(temp_dir: str) -> set[int]:
 def test_ray_job_submit_on_real_photos_equals_direct_computation(ray_head, hm, tmp_path, direct):
     out = tmp_path / "job_out"
     cmd = [
-        "ray", "job", "submit", "--address", ray_head["address"], "--working-dir", str(REPO),
-        "--runtime-env", str(REPO / "cluster" / "ray_job_runtime_env.yaml"), "--",
-        "python", "-m", "dprec.extract", "--dataset", str(hm), "--out", str(out), "--text-model", "minilm",
-        "--text-batch-size", "8", "--image-batch-size", "8", "--items-per-shard", "25", "--torch-threads", "1",
-        "--cpus-per-actor", "1",
+        "ray",
+        "job",
+        "submit",
+        "--address",
+        ray_head["address"],
+        "--working-dir",
+        str(REPO),
+        "--runtime-env",
+        str(REPO / "cluster" / "ray_job_runtime_env.yaml"),
+        "--",
+        "python",
+        "-m",
+        "dprec.extract",
+        "--dataset",
+        str(hm),
+        "--out",
+        str(out),
+        "--text-model",
+        "minilm",
+        "--text-batch-size",
+        "8",
+        "--image-batch-size",
+        "8",
+        "--items-per-shard",
+        "25",
+        "--torch-threads",
+        "1",
+        "--cpus-per-actor",
+        "1",
     ]
     job = subprocess.run(cmd, env=ray_head["env"], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     assert "[extract] wrote items-000003.tar" in job.stdout and "[image] shard" in job.stdout
-    summary = json.loads(next(line for line in job.stdout.splitlines() if line.startswith('{"event": "extract_summary"')))
+    summary = json.loads(
+        next(line for line in job.stdout.splitlines() if line.startswith('{"event": "extract_summary"'))
+    )
     assert (summary["items"], summary["shards_written"], summary["failures"]) == (100, 4, {})
     dataset = load_dataset(hm)
     feats = read_features(out, dataset=dataset)

@@ -25,12 +25,31 @@ def listed(out) -> int:
         return 0
 
 
-def test_driver_killed_after_some_shards_rerun_completes_identically(long_generated, long_reference, tmp_path,
-                                                                     make_config, read_shard_bytes):
+def test_driver_killed_after_some_shards_rerun_completes_identically(
+    long_generated, long_reference, tmp_path, make_config, read_shard_bytes
+):
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "dprec.extract", "--executor", "local", "--dataset", str(long_generated),
-           "--out", str(out), "--text-model", "minilm", "--text-batch-size", "4", "--image-batch-size", "4",
-           "--items-per-shard", "4", "--torch-threads", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dprec.extract",
+        "--executor",
+        "local",
+        "--dataset",
+        str(long_generated),
+        "--out",
+        str(out),
+        "--text-model",
+        "minilm",
+        "--text-batch-size",
+        "4",
+        "--image-batch-size",
+        "4",
+        "--items-per-shard",
+        "4",
+        "--torch-threads",
+        "1",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
     try:
         deadline = time.monotonic() + 120

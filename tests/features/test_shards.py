@@ -29,14 +29,20 @@ N_ITEMS, PER_SHARD, DIMS = 10, 4, {"text": 6, "image": 3}
 
 
 def tiny_dataset(name="tiny", n=N_ITEMS):
-    items = pd.DataFrame({"item_idx": range(n), "item_id": [f"I{i}" for i in range(n)], "title": [f"t{i}" for i in range(n)]})
+    items = pd.DataFrame(
+        {"item_idx": range(n), "item_id": [f"I{i}" for i in range(n)], "title": [f"t{i}" for i in range(n)]}
+    )
     inter = pd.DataFrame({"user_idx": [0] * n, "item_idx": range(n), "split": [0] * n})
     return make_dataset(name, inter, items, pd.DataFrame({"user_idx": [0], "user_id": ["u"]}))
 
 
 def spec_of(ds, **kw):
-    return {"dataset": {"name": ds.name, "items_hash": items_hash(ds), "n_items": ds.n_items},
-            "items_per_shard": PER_SHARD, "store_dtype": "float32", "modalities": {"text": {"name": "t"}}} | kw
+    return {
+        "dataset": {"name": ds.name, "items_hash": items_hash(ds), "n_items": ds.n_items},
+        "items_per_shard": PER_SHARD,
+        "store_dtype": "float32",
+        "modalities": {"text": {"name": "t"}},
+    } | kw
 
 
 def vectors_for(first, stop):
@@ -64,14 +70,20 @@ def test_round_trip_item_ordered_with_masks(written):
     folder, ds = written
     feats = read_features(folder, dataset=ds)
     assert feats["text"].shape == (N_ITEMS, 6) and feats["image"].shape == (N_ITEMS, 3)
-    expected = np.concatenate([vectors_for(a, min(a + PER_SHARD, N_ITEMS))["text"] for a in range(0, N_ITEMS, PER_SHARD)])
+    expected = np.concatenate(
+        [vectors_for(a, min(a + PER_SHARD, N_ITEMS))["text"] for a in range(0, N_ITEMS, PER_SHARD)]
+    )
     np.testing.assert_array_equal(feats["text"], expected)
     assert feats["image_missing"].tolist() == [i % PER_SHARD == 0 for i in range(N_ITEMS)]
     assert not feats["text_missing"].any()
     assert list(feats["item_id"]) == [f"I{i}" for i in range(N_ITEMS)]
     manifest = load_manifest(folder)
     assert manifest["complete"] and manifest["dims"] == DIMS
-    assert [(s["first_item"], s["last_item"], s["count"]) for s in manifest["shards"]] == [(0, 3, 4), (4, 7, 4), (8, 9, 2)]
+    assert [(s["first_item"], s["last_item"], s["count"]) for s in manifest["shards"]] == [
+        (0, 3, 4),
+        (4, 7, 4),
+        (8, 9, 2),
+    ]
     assert manifest["counts"] == {"image_decode_error": 3}
 
 
@@ -199,7 +211,9 @@ def test_reader_error_dim_mismatch(written):
         return members | {"000000005.text.npy": buf.getvalue()}
 
     _rewrite_shard(folder, 1, widen)
-    with pytest.raises(ShardError, match=r"shard items-000001.tar: sample 000000005 text.npy has shape \(7,\), manifest dim is 6"):
+    with pytest.raises(
+        ShardError, match=r"shard items-000001.tar: sample 000000005 text.npy has shape \(7,\), manifest dim is 6"
+    ):
         read_features(folder)
 
 

@@ -72,8 +72,10 @@ def test_config_validation():
         TextConfig(prompt_template="{0} and {title}")
     with pytest.raises(ValueError, match="plain name"):
         TextConfig(prompt_template="{price:>8}")
-    assert TextConfig(prompt_template="{title} by {director} ({release_year})").extra_fields() == ["director",
-                                                                                                  "release_year"]
+    assert TextConfig(prompt_template="{title} by {director} ({release_year})").extra_fields() == [
+        "director",
+        "release_year",
+    ]
 
 
 def test_length_batches_bound_padding_and_size():
@@ -95,7 +97,13 @@ def test_length_batches_bound_padding_and_size():
 
 def test_minilm_resolves_as_mean_pooled_encoder(minilm):
     r = minilm.resolved
-    assert (r.pooling, r.prompt_template, r.max_length, r.normalize, r.dtype) == ("mean", "{item}", 256, True, "float32")
+    assert (r.pooling, r.prompt_template, r.max_length, r.normalize, r.dtype) == (
+        "mean",
+        "{item}",
+        256,
+        True,
+        "float32",
+    )
     assert r.revision["weights_sha256"]["model.safetensors"]
     assert minilm.dim == 384
 
@@ -126,7 +134,7 @@ def test_long_description_is_cut_so_the_template_ending_survives(minilm):
     fields = dict(FIELDS[0], description="water " * 2000)
     ids, cut = enc.prompt_ids(fields)
     assert cut and len(ids) <= 32
-    assert enc.tokenizer.decode(ids, skip_special_tokens=True).rstrip().endswith("\" end")  # uncased tokenizer
+    assert enc.tokenizer.decode(ids, skip_special_tokens=True).rstrip().endswith('" end')  # uncased tokenizer
     vectors, flags = enc.encode_items([fields])
     assert flags == [["text_truncated"]] and np.isfinite(vectors).all()
 

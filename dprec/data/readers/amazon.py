@@ -62,7 +62,9 @@ def _text(value: Any) -> str:
 def _categories(rec: dict[str, Any]) -> str:
     """2014 ``categories`` (list of lists) or 2018 ``category`` (list), flattened, first occurrence kept."""
     raw = rec.get("categories", rec.get("category", []))
-    flat = [c for group in raw for c in (group if isinstance(group, list) else [group])] if isinstance(raw, list) else []
+    flat = (
+        [c for group in raw for c in (group if isinstance(group, list) else [group])] if isinstance(raw, list) else []
+    )
     return "|".join(dict.fromkeys(str(c).strip() for c in flat if str(c).strip()))
 
 
@@ -86,14 +88,28 @@ def read_meta(path: Path, skips: SkipLog, wanted: set[str] | None) -> pd.DataFra
             continue
         if wanted is not None and asin not in wanted:
             continue
-        rows.append((str(asin), _text(rec.get("title")), _text(rec.get("description")), _text(rec.get("brand")),
-                     _categories(rec), _image_url(rec), lineno))
+        rows.append(
+            (
+                str(asin),
+                _text(rec.get("title")),
+                _text(rec.get("description")),
+                _text(rec.get("brand")),
+                _categories(rec),
+                _image_url(rec),
+                lineno,
+            )
+        )
     columns = ["item_id", "title", "description", "brand", "categories", "image_url", "line"]
     return pd.DataFrame(rows, columns=columns).astype({"item_id": object})
 
 
-def read_amazon(reviews: str | Path, meta: str | Path | None, skips: SkipLog, image_template: str | None = None,
-                keep_cold_items: bool = False) -> RawData:
+def read_amazon(
+    reviews: str | Path,
+    meta: str | Path | None,
+    skips: SkipLog,
+    image_template: str | None = None,
+    keep_cold_items: bool = False,
+) -> RawData:
     """Reviews plus (optionally) meta; default 5-core and random split, as the MMRec benchmarks."""
     reviews_path = Path(reviews).resolve()
     if image_template and meta is None:
@@ -110,5 +126,14 @@ def read_amazon(reviews: str | Path, meta: str | Path | None, skips: SkipLog, im
             items["image_path"] = apply_image_template(items["item_id"], image_template, Path.cwd())
         source["meta"] = meta_path
     name = reviews_path.name.split(".")[0]
-    return RawData(name=name, source=source, interactions=inter, interactions_path=str(reviews_path), items=items,
-                   items_path=meta_path, default_kcore=5, default_split="random", keep_cold_items=keep_cold_items)
+    return RawData(
+        name=name,
+        source=source,
+        interactions=inter,
+        interactions_path=str(reviews_path),
+        items=items,
+        items_path=meta_path,
+        default_kcore=5,
+        default_split="random",
+        keep_cold_items=keep_cold_items,
+    )

@@ -58,17 +58,26 @@ def drop_duplicates(inter: pd.DataFrame, path: str, skips: SkipLog) -> pd.DataFr
     dup = np.zeros(len(inter), bool)
     dup[order] = pd.Series(pair[order]).duplicated(keep="first").to_numpy()
     dropped = inter[dup]
-    skips.add("duplicate_interaction", path, dropped["line"].to_numpy(),
-              lambda k: f"user {dropped['user_id'].iloc[k]!r} and item {dropped['item_id'].iloc[k]!r} again; "
-                        "kept the earliest")
+    skips.add(
+        "duplicate_interaction",
+        path,
+        dropped["line"].to_numpy(),
+        lambda k: (
+            f"user {dropped['user_id'].iloc[k]!r} and item {dropped['item_id'].iloc[k]!r} again; kept the earliest"
+        ),
+    )
     return inter[~dup]
 
 
 def drop_unknown_items(inter: pd.DataFrame, items: pd.DataFrame, path: str, skips: SkipLog) -> pd.DataFrame:
     unknown = ~contains(items["item_id"], inter["item_id"])
     bad = inter[unknown]
-    skips.add("unknown_item", path, bad["line"].to_numpy(),
-              lambda k: f"item {bad['item_id'].iloc[k]!r} is not in the item table")
+    skips.add(
+        "unknown_item",
+        path,
+        bad["line"].to_numpy(),
+        lambda k: f"item {bad['item_id'].iloc[k]!r} is not in the item table",
+    )
     return inter[~unknown]
 
 
@@ -135,25 +144,37 @@ def build_dataset(raw: RawData, options: BuildOptions, skips: SkipLog) -> Datase
     catalogue = raw.items
     if catalogue is not None:
         dup = catalogue["item_id"].duplicated()
-        skips.add("duplicate_item", raw.items_path, catalogue.loc[dup, "line"].to_numpy(),
-                  lambda k: f"item {catalogue.loc[dup, 'item_id'].iloc[k]!r} listed again; kept the first")
+        skips.add(
+            "duplicate_item",
+            raw.items_path,
+            catalogue.loc[dup, "line"].to_numpy(),
+            lambda k: f"item {catalogue.loc[dup, 'item_id'].iloc[k]!r} listed again; kept the first",
+        )
         catalogue = catalogue[~dup]
         inter = drop_unknown_items(inter, catalogue, raw.interactions_path, skips)
     before = len(inter)
     inter, rounds = kcore_filter(inter, kcore)
     if inter.empty:
-        raise DatasetError(f"{raw.interactions_path}: no interactions left after {kcore}-core filtering "
-                           f"({before} before); lower --kcore (1 = no filtering)")
+        raise DatasetError(
+            f"{raw.interactions_path}: no interactions left after {kcore}-core filtering "
+            f"({before} before); lower --kcore (1 = no filtering)"
+        )
 
     users = _users(inter)
     items = _items(inter, catalogue, keep_cold)
-    frame = pd.DataFrame({
-        "user_idx": inter["user_id"].map(pd.Series(users["user_idx"].to_numpy(), index=users["user_id"])).to_numpy(),
-        "item_idx": inter["item_id"].map(pd.Series(items["item_idx"].to_numpy(), index=items["item_id"])).to_numpy(),
-        "timestamp": inter["timestamp"].to_numpy(np.int64),
-        "rating": inter["rating"].to_numpy(np.float64),
-        "split": inter["split"].to_numpy(np.int8),
-    })
+    frame = pd.DataFrame(
+        {
+            "user_idx": inter["user_id"]
+            .map(pd.Series(users["user_idx"].to_numpy(), index=users["user_id"]))
+            .to_numpy(),
+            "item_idx": inter["item_id"]
+            .map(pd.Series(items["item_idx"].to_numpy(), index=items["item_id"]))
+            .to_numpy(),
+            "timestamp": inter["timestamp"].to_numpy(np.int64),
+            "rating": inter["rating"].to_numpy(np.float64),
+            "split": inter["split"].to_numpy(np.int8),
+        }
+    )
     frame["split"] = assign_split(frame, split, seed=options.seed, ratios=options.ratios)
     frame = frame.sort_values(["user_idx", "item_idx"], kind="stable").reset_index(drop=True)
 
@@ -171,12 +192,12 @@ def build_dataset(raw: RawData, options: BuildOptions, skips: SkipLog) -> Datase
         **raw.meta,
     }
     if "user_key" in inter and "item_key" in items:
-        meta["source_ids_preserved_as_index"] = bool(_keys_are_index(items, "item_key")
-                                                    and _keys_are_index(_user_keys(inter, users), "user_key"))
+        meta["source_ids_preserved_as_index"] = bool(
+            _keys_are_index(items, "item_key") and _keys_are_index(_user_keys(inter, users), "user_key")
+        )
     return make_dataset(raw.name, frame, items.drop(columns=["item_key", "line"], errors="ignore"), users, meta)
 
 
 def _user_keys(inter: pd.DataFrame, users: pd.DataFrame) -> pd.DataFrame:
     keys = inter.drop_duplicates("user_id").set_index("user_id")["user_key"]
     return users.assign(user_key=users["user_id"].map(keys).to_numpy())
-

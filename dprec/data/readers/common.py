@@ -42,8 +42,18 @@ PARQUET_MAGIC = b"PAR1"
 TEXT_FORMATS = ("csv", "tsv", "json", "jsonl")
 FORMATS = (*TEXT_FORMATS, "parquet")
 _EXTENSION_FORMATS = {
-    ".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".txt": "tsv", ".inter": "tsv", ".item": "tsv", ".user": "tsv",
-    ".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet",
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".tab": "tsv",
+    ".txt": "tsv",
+    ".inter": "tsv",
+    ".item": "tsv",
+    ".user": "tsv",
+    ".json": "json",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".parquet": "parquet",
+    ".pq": "parquet",
 }
 _TYPED_HEADER = re.compile(r"^([^:]+):(token|token_seq|float|float_seq)$")
 MAX_EXAMPLES = 5
@@ -58,8 +68,9 @@ class SkipLog:
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SKIP_KINDS, 0))
     examples: list[str] = field(default_factory=list)
 
-    def add(self, kind: str, path: str | Path, lines: Sequence[int] | np.ndarray,
-            what: str | Callable[[int], str]) -> None:
+    def add(
+        self, kind: str, path: str | Path, lines: Sequence[int] | np.ndarray, what: str | Callable[[int], str]
+    ) -> None:
         """Record ``len(lines)`` skips of ``kind``; ``what(k)`` describes the k-th one (built only when shown)."""
         if len(lines) == 0:
             return
@@ -130,8 +141,10 @@ def open_binary_lines(path: Path) -> Iterator[bytes]:
     head = _head(path)
     gz_named, gz_content = path.suffix == ".gz", head.startswith(GZIP_MAGIC)
     if gz_named and not gz_content:
-        raise DatasetError(f"{path}: named .gz but is not gzip data (starts with {head[:16]!r}); "
-                           "decompress it properly or drop the .gz")
+        raise DatasetError(
+            f"{path}: named .gz but is not gzip data (starts with {head[:16]!r}); "
+            "decompress it properly or drop the .gz"
+        )
     if gz_content and not gz_named:
         raise DatasetError(f"{path}: is gzip-compressed but not named .gz; rename it to {path.name}.gz")
     if not gz_named and (head.startswith(PARQUET_MAGIC) or b"\x00" in head):
@@ -189,14 +202,23 @@ def _read_tsv(path: Path, skips: SkipLog) -> pd.DataFrame:
     tabs = np.fromiter((line.count("\t") for line in body), np.int64, len(body))
     blank = np.fromiter((not line.strip() for line in body), bool, len(body))
     bad = np.flatnonzero(~blank & (tabs != len(header) - 1))
-    skips.add("malformed", path, bad + 2, lambda k: f"expected {len(header)} tab-separated fields, "
-              f"found {tabs[bad[k]] + 1}")
+    skips.add(
+        "malformed", path, bad + 2, lambda k: f"expected {len(header)} tab-separated fields, found {tabs[bad[k]] + 1}"
+    )
     good = np.flatnonzero(~blank & (tabs == len(header) - 1))
     if len(good) == 0:
         frame = pd.DataFrame({h: pd.Series([], dtype=str) for h in header})
     else:
-        frame = pd.read_csv(io.StringIO("\n".join(body[k] for k in good)), sep="\t", header=None, names=header,
-                            dtype=str, quoting=csv.QUOTE_NONE, keep_default_na=False, na_filter=False)
+        frame = pd.read_csv(
+            io.StringIO("\n".join(body[k] for k in good)),
+            sep="\t",
+            header=None,
+            names=header,
+            dtype=str,
+            quoting=csv.QUOTE_NONE,
+            keep_default_na=False,
+            na_filter=False,
+        )
     frame["line"] = good.astype(np.int64) + 2
     return frame
 
@@ -325,8 +347,9 @@ def is_blank(values: pd.Series) -> np.ndarray:
     return text.str.strip().eq("").to_numpy(bool)
 
 
-def id_strings(values: pd.Series, path: str | Path, lines: np.ndarray, skips: SkipLog, what: str,
-               integer: bool = False) -> tuple[pd.Series, np.ndarray]:
+def id_strings(
+    values: pd.Series, path: str | Path, lines: np.ndarray, skips: SkipLog, what: str, integer: bool = False
+) -> tuple[pd.Series, np.ndarray]:
     """IDs as strings and a keep-mask; blank (and, with ``integer``, non-integer) IDs are malformed.
 
     With ``integer`` the IDs are normalised (``"007"`` -> ``"7"``), so tables that write them
@@ -349,13 +372,18 @@ def id_strings(values: pd.Series, path: str | Path, lines: np.ndarray, skips: Sk
             text = text.copy()
             text[is_int] = text[is_int].astype("int64").astype(str)
     idx = np.flatnonzero(bad)
-    skips.add("malformed", path, lines[idx], lambda k: f"{what} {text.iloc[idx[k]]!r} is not "
-              f"{'an integer' if integer else 'a non-empty ID'}")
+    skips.add(
+        "malformed",
+        path,
+        lines[idx],
+        lambda k: f"{what} {text.iloc[idx[k]]!r} is not {'an integer' if integer else 'a non-empty ID'}",
+    )
     return text, ~bad
 
 
-def numbers(values: pd.Series, path: str | Path, lines: np.ndarray, skips: SkipLog, what: str
-            ) -> tuple[np.ndarray, np.ndarray]:
+def numbers(
+    values: pd.Series, path: str | Path, lines: np.ndarray, skips: SkipLog, what: str
+) -> tuple[np.ndarray, np.ndarray]:
     """Float values (NaN where blank) and a keep-mask; non-blank non-numbers are malformed."""
     num = pd.to_numeric(values, errors="coerce").astype("float64").to_numpy()
     bad = np.isnan(num) & ~is_blank(values)
@@ -364,8 +392,7 @@ def numbers(values: pd.Series, path: str | Path, lines: np.ndarray, skips: SkipL
     return num, ~bad
 
 
-def timestamps(values: pd.Series, path: str | Path, lines: np.ndarray, skips: SkipLog
-               ) -> tuple[np.ndarray, np.ndarray]:
+def timestamps(values: pd.Series, path: str | Path, lines: np.ndarray, skips: SkipLog) -> tuple[np.ndarray, np.ndarray]:
     """Unix seconds (int64, -1 where blank) from numbers, dates or datetimes; anything else is malformed."""
     if pd.api.types.is_datetime64_any_dtype(values.dtype):
         dt = pd.to_datetime(values, utc=True)
@@ -391,6 +418,7 @@ def resolve(root: Path, path: str | Path) -> Path:
 
 def apply_image_template(item_ids: pd.Series, template: str, root: Path) -> pd.Series:
     """Absolute image paths from ``template`` (``{item_id}`` formatted), where the file exists; else ""."""
+
     def path_of(item_id: str) -> str:
         try:
             path = resolve(root, template.format(item_id=item_id)).resolve()
@@ -412,11 +440,15 @@ def extra_json(frame: pd.DataFrame, columns: list[str]) -> pd.Series:
         return value
 
     def row_json(row: tuple) -> str:
-        pairs = {c: clean(v) for c, v in zip(columns, row, strict=True)
-                 if isinstance(v, (list, np.ndarray)) or (v is not None and not pd.isna(v) and str(v) != "")}
+        pairs = {
+            c: clean(v)
+            for c, v in zip(columns, row, strict=True)
+            if isinstance(v, (list, np.ndarray)) or (v is not None and not pd.isna(v) and str(v) != "")
+        }
         return json.dumps(pairs, ensure_ascii=False, sort_keys=True) if pairs else ""
 
     if not columns:
         return pd.Series("", index=frame.index, dtype=object)
-    return pd.Series([row_json(r) for r in frame[columns].itertuples(index=False, name=None)],
-                     index=frame.index, dtype=object)
+    return pd.Series(
+        [row_json(r) for r in frame[columns].itertuples(index=False, name=None)], index=frame.index, dtype=object
+    )

@@ -48,8 +48,9 @@ def _find_inter(folder: Path, inter: str | None) -> Path:
         return path
     found = sorted(folder.glob("*.inter"))
     if len(found) != 1:
-        raise DatasetError(f"{folder}: expected exactly one *.inter file, found {[p.name for p in found]}; "
-                           "name it with --inter")
+        raise DatasetError(
+            f"{folder}: expected exactly one *.inter file, found {[p.name for p in found]}; name it with --inter"
+        )
     return found[0]
 
 
@@ -80,7 +81,9 @@ def _read_inter(path: Path, skips: SkipLog) -> pd.DataFrame:
         label = pd.to_numeric(frame["x_label"], errors="coerce")
         bad = ~label.isin([0, 1, 2]).to_numpy() & keep
         idx = np.flatnonzero(bad)
-        skips.add("malformed", path, lines[idx], lambda k: f"x_label {frame['x_label'].iloc[idx[k]]!r} is not 0, 1 or 2")
+        skips.add(
+            "malformed", path, lines[idx], lambda k: f"x_label {frame['x_label'].iloc[idx[k]]!r} is not 0, 1 or 2"
+        )
         keep &= ~bad
         out["split"] = label.fillna(-1).astype("int8").to_numpy()
     out["rating"], out["timestamp"] = np.nan, -1
@@ -143,9 +146,11 @@ def _user_rule(inter: pd.DataFrame, seq_len: np.ndarray, inter_path: Path, seq_p
         if np.array_equal(counts.to_numpy(), seq_len[line_of[counts.index].to_numpy()]):
             return rule, line_of
     first = np.flatnonzero(counts.to_numpy() != seq_len[by_appearance.to_numpy()])[0]
-    raise DatasetError(f"{inter_path}: cannot match users to {seq_path} lines: by first appearance, userID "
-                       f"{counts.index[first]} has {counts.iloc[first]} interactions but line {first + 1} has "
-                       f"{seq_len[first]} items")
+    raise DatasetError(
+        f"{inter_path}: cannot match users to {seq_path} lines: by first appearance, userID "
+        f"{counts.index[first]} has {counts.iloc[first]} interactions but line {first + 1} has "
+        f"{seq_len[first]} items"
+    )
 
 
 def _signatures(keys: pd.Series, lines: pd.Series) -> pd.Series:
@@ -158,8 +163,9 @@ def _signatures(keys: pd.Series, lines: pd.Series) -> pd.Series:
     return pd.Series([g.tobytes() for g in groups], index=uniques, dtype=object)
 
 
-def align_to_user_sequence(inter: pd.DataFrame, seq: pd.DataFrame, inter_path: Path, seq_path: Path
-                           ) -> tuple[pd.Series, pd.Series, np.ndarray, dict[str, Any]]:
+def align_to_user_sequence(
+    inter: pd.DataFrame, seq: pd.DataFrame, inter_path: Path, seq_path: Path
+) -> tuple[pd.Series, pd.Series, np.ndarray, dict[str, Any]]:
     """Match ``.inter`` integer IDs to the ASINs of ``user_sequence.txt``.
 
     Users: the first rule whose per-user interaction counts equal the line lengths ("userID =
@@ -176,8 +182,10 @@ def align_to_user_sequence(inter: pd.DataFrame, seq: pd.DataFrame, inter_path: P
     for sig, where in ((sig_item, inter_path), (sig_asin, seq_path)):
         if sig.duplicated().any():
             twins = sig.index[sig == sig[sig.duplicated()].iloc[0]].tolist()
-            raise DatasetError(f"{where}: items {twins[:2]} have exactly the same users, so they cannot be told "
-                               f"apart when matching IDs to {seq_path.name}")
+            raise DatasetError(
+                f"{where}: items {twins[:2]} have exactly the same users, so they cannot be told "
+                f"apart when matching IDs to {seq_path.name}"
+            )
     asin_of_item = sig_item.map(pd.Series(sig_asin.index, index=sig_asin.to_numpy()))
     if asin_of_item.isna().any():
         item = asin_of_item.index[asin_of_item.isna()][0]
@@ -204,8 +212,14 @@ def read_keywords(path: Path, skips: SkipLog) -> pd.DataFrame:
             skips.add("malformed", path, [lineno], "expected 'ASIN |tok|tok|...'")
             continue
         words = [t.replace("\u2581", "").strip() for t in tokens]
-        rows.append((asin, "Keywords: " + ", ".join(w for w in words if w) + ".",
-                     json.dumps({"keywords": tokens}, ensure_ascii=False), lineno))
+        rows.append(
+            (
+                asin,
+                "Keywords: " + ", ".join(w for w in words if w) + ".",
+                json.dumps({"keywords": tokens}, ensure_ascii=False),
+                lineno,
+            )
+        )
     frame = pd.DataFrame(rows, columns=["item_id", "description", "extra", "line"])
     dup = frame["item_id"].duplicated()
     skips.add("duplicate_item", path, frame.loc[dup, "line"].to_numpy(), "ASIN listed again; kept the first")
@@ -225,17 +239,25 @@ def _image_urls(path: Path, skips: SkipLog, asin_of_item: pd.Series | None) -> p
         wrong = known.notna() & (known != frame["asin"])
         if wrong.any():
             row = frame[wrong].iloc[0]
-            raise DatasetError(f"{path}:{row['line']}: itemID {row['item_key']} has ASIN {row['asin']!r} here but "
-                               f"{known[wrong].iloc[0]!r} in the ID map; the files are from different datasets")
+            raise DatasetError(
+                f"{path}:{row['line']}: itemID {row['item_key']} has ASIN {row['asin']!r} here but "
+                f"{known[wrong].iloc[0]!r} in the ID map; the files are from different datasets"
+            )
     dup = frame["item_key"].duplicated()
     skips.add("duplicate_item", path, frame.loc[dup, "line"].to_numpy(), "itemID listed again; kept the first")
     frame = frame[~dup]
     return pd.Series(frame[url_col].to_numpy(), index=frame["item_key"].to_numpy())
 
 
-def read_mmrec(folder: str | Path, skips: SkipLog, inter: str | None = None, item_ids: str | None = None,
-               image_urls: str | None = None, user_sequence: str | None = None,
-               item_keywords: str | None = None) -> RawData:
+def read_mmrec(
+    folder: str | Path,
+    skips: SkipLog,
+    inter: str | None = None,
+    item_ids: str | None = None,
+    image_urls: str | None = None,
+    user_sequence: str | None = None,
+    item_keywords: str | None = None,
+) -> RawData:
     """Read an MMRec folder with its split; companions as in the module docstring ('none' disables one)."""
     folder = Path(folder).resolve()
     if not folder.is_dir():
@@ -258,8 +280,9 @@ def read_mmrec(folder: str | Path, skips: SkipLog, inter: str | None = None, ite
     if user_sequence:
         seq_path = _companion(folder, user_sequence, "user_sequence.txt")
         seq = read_user_sequence(seq_path)
-        asin_of_user, seq_asin, position, meta["id_alignment"] = align_to_user_sequence(frame, seq, inter_path,
-                                                                                         seq_path)
+        asin_of_user, seq_asin, position, meta["id_alignment"] = align_to_user_sequence(
+            frame, seq, inter_path, seq_path
+        )
         if asin_of_item is not None and not (seq_asin == asin_of_item.reindex(seq_asin.index)).all():
             raise DatasetError(f"{seq_path}: the ASINs matched by structure disagree with {id_path}")
         asin_of_item = seq_asin
@@ -270,7 +293,9 @@ def read_mmrec(folder: str | Path, skips: SkipLog, inter: str | None = None, ite
     if asin_of_user is not None:
         frame["user_id"] = frame["user_key"].map(asin_of_user).astype(object)
     items = pd.DataFrame({"item_key": item_keys})
-    items["item_id"] = items["item_key"].map(asin_of_item) if asin_of_item is not None else items["item_key"].astype(str)
+    items["item_id"] = (
+        items["item_key"].map(asin_of_item) if asin_of_item is not None else items["item_key"].astype(str)
+    )
     items["item_id"] = items["item_id"].astype(object)
     frame["item_id"] = frame["item_key"].map(pd.Series(items["item_id"].to_numpy(), index=item_keys)).astype(object)
 
@@ -280,8 +305,10 @@ def read_mmrec(folder: str | Path, skips: SkipLog, inter: str | None = None, ite
         source["image_urls"] = str(url_path)
     if item_keywords:
         if asin_of_item is None:
-            raise DatasetError(f"{folder}: item keywords are keyed by ASIN, but the item IDs have no ASINs; "
-                               "pass --user-sequence (or provide item2id.json)")
+            raise DatasetError(
+                f"{folder}: item keywords are keyed by ASIN, but the item IDs have no ASINs; "
+                "pass --user-sequence (or provide item2id.json)"
+            )
         kw_path = _companion(folder, item_keywords, "item_keywords.txt")
         keywords = read_keywords(kw_path, skips)
         items = items.merge(keywords.drop(columns="line"), on="item_id", how="left")
@@ -291,6 +318,14 @@ def read_mmrec(folder: str | Path, skips: SkipLog, inter: str | None = None, ite
     if features:
         meta["mmrec_features"] = features
     items["line"] = 0
-    return RawData(name=inter_path.stem, source=source, interactions=frame, interactions_path=str(inter_path),
-                   items=items, items_path=str(folder), meta=meta, default_kcore=1,
-                   default_split="given" if (frame["split"] >= 0).any() else "random")
+    return RawData(
+        name=inter_path.stem,
+        source=source,
+        interactions=frame,
+        interactions_path=str(inter_path),
+        items=items,
+        items_path=str(folder),
+        meta=meta,
+        default_kcore=1,
+        default_split="given" if (frame["split"] >= 0).any() else "random",
+    )

@@ -240,8 +240,9 @@ def item_fields(frame: pd.DataFrame, spec: JoinTable, path: Path, root: Path) ->
             out[name] = [". ".join(t for t in map(_cell_text, row) if t) for row in rows]
     if mapped["categories"]:
         rows = frame[mapped["categories"]].itertuples(index=False, name=None)
-        out["categories"] = ["|".join(dict.fromkeys(c for v in row for c in _cell_categories(v, spec.categories_sep)))
-                             for row in rows]
+        out["categories"] = [
+            "|".join(dict.fromkeys(c for v in row for c in _cell_categories(v, spec.categories_sep))) for row in rows
+        ]
     if spec.image_url:
         out["image_url"] = frame[spec.image_url].map(_cell_text)
     if spec.image_path:
@@ -263,8 +264,12 @@ def _read_item_table(spec: JoinTable, integer_ids: bool, root: Path, skips: Skip
     out = out[keep]
     dup = out["item_id"].duplicated()
     dups = out[dup]
-    skips.add("duplicate_item", path, dups["line"].to_numpy(), lambda k: f"item {dups['item_id'].iloc[k]!r} listed "
-              "again; kept the first")
+    skips.add(
+        "duplicate_item",
+        path,
+        dups["line"].to_numpy(),
+        lambda k: f"item {dups['item_id'].iloc[k]!r} listed again; kept the first",
+    )
     return out[~dup].reset_index(drop=True), path
 
 
@@ -287,7 +292,9 @@ def read_items(spec: TableSpec, root: Path, skips: SkipLog) -> tuple[pd.DataFram
     for k, join_dict in enumerate(t.joins):
         join = from_dict(JoinTable, join_dict, f"items.joins[{k}]")
         extra, join_path = _read_item_table(join, spec.integer_item_ids, root, skips)
-        meta.setdefault("join_unmatched", {})[str(join_path)] = int((~contains(items["item_id"], extra["item_id"])).sum())
+        meta.setdefault("join_unmatched", {})[str(join_path)] = int(
+            (~contains(items["item_id"], extra["item_id"])).sum()
+        )
         items = _join(items, extra, join)
     if t.image_template:
         items["image_path"] = apply_image_template(items["item_id"], t.image_template, root)
@@ -310,6 +317,15 @@ def read_table_source(spec: TableSpec, root: str | Path, skips: SkipLog) -> RawD
     if spec.items is not None:
         items, path, meta = read_items(spec, root, skips)
         items_path = str(path)
-    return RawData(name=spec.name, source=source, interactions=inter, interactions_path=str(inter_path), items=items,
-                   items_path=items_path, meta=meta, default_kcore=spec.kcore, default_split=spec.split,
-                   keep_cold_items=bool(spec.items and spec.items.keep_all))
+    return RawData(
+        name=spec.name,
+        source=source,
+        interactions=inter,
+        interactions_path=str(inter_path),
+        items=items,
+        items_path=items_path,
+        meta=meta,
+        default_kcore=spec.kcore,
+        default_split=spec.split,
+        keep_cold_items=bool(spec.items and spec.items.keep_all),
+    )
