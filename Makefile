@@ -1,6 +1,7 @@
 # Two commands on a fresh machine (Python 3.11, CPU):
 #   make demo   create .venv, install everything, run the whole pipeline on the embedded default
 #   make test   (re)use .venv and run the whole test suite
+# Also: make test-fast (skips tests marked slow), make lint (ruff check + format check), make format.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -12,7 +13,7 @@ export DS_ACCELERATOR := cpu
 # the stages start mlflow / deepspeed / ray commands: take them from the project's venv
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup demo test lint bench
+.PHONY: setup demo test test-fast lint format
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: requirements-cpu.txt requirements-nodeps.txt pyproject.toml
@@ -30,5 +31,13 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
 lint: setup
-	$(VENV)/bin/ruff check dprec tests launchers benchmarks
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .

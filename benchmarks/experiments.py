@@ -4,7 +4,7 @@
 
 A grid file names datasets (a prepared dataset folder and its feature views) and models (a
 ``model:`` section, optionally with ``search:`` lists of hyper-parameter values). For every
-dataset and model (a model may also carry ``views_from:``, the feature views it gets, and
+dataset and model (a model may also carry ``modalities_from:``, the feature views it gets, and
 ``train:``, its overrides of the grid's train section):
 
 1. each point of the search space is trained with the first seed; the point with the best
@@ -28,10 +28,12 @@ from typing import Any
 
 import numpy as np
 
-from dprec.config import from_dict, load_yaml
+from dprec.config import from_dict, load_yaml, merge
 from dprec.data.dataset import load_dataset
+from dprec.features.modalities import load_features
 from dprec.models import MODELS
-from dprec.train import RunConfig, Trainer, load_features, merge
+from dprec.training.config import RunConfig
+from dprec.training.loop import Trainer
 
 METRICS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
 
@@ -56,13 +58,13 @@ def train_once(dataset: str, features: dict[str, np.ndarray], model: dict, train
 def run_model(name: str, spec: dict, data: dict, train: dict, seeds: list[int], ds, features) -> dict:
     """Select the search point on validation with the first seed, then train the kept point with every seed.
 
-    ``spec`` is the model section plus optional ``search:`` (lists of values), ``views_from:`` (feature
+    ``spec`` is the model section plus optional ``search:`` (lists of values), ``modalities_from:`` (feature
     views to give the model) and ``train:`` (this model's overrides of the grid's train section, e.g.
     MGCN's learning-rate decay). The first seed's run of the kept point is the search run itself.
     """
     model = {k: v for k, v in spec.items() if k not in ("search", "train")}
     train = {**train, **spec.get("train", {})}
-    views = model.pop("views_from", None)
+    views = model.pop("modalities_from", None)
     feats = {k: v for k, v in features.items() if views is None or k in views}
     trials = []
     for point in search_points(spec.get("search", {})):
@@ -156,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def log_to_mlflow(stem: str, results: dict[str, list[dict]]) -> None:
     """One MLflow run per grid: the table (markdown, CSV) and a bar chart of test R@20."""
-    from dprec.tracking import RunTracker
+    from dprec.tracking.tracker import RunTracker
 
     rows = [
         {

@@ -39,8 +39,10 @@ import psutil  # noqa: E402
 import torch  # noqa: E402
 
 from dprec.data.dataset import make_dataset, save_dataset  # noqa: E402
-from dprec.features.pipeline import ExtractConfig, run_extract  # noqa: E402
-from dprec.features.text import TEXT_FIELDS, TextConfig, TextEncoder, length_batches, resolve_text_model  # noqa: E402
+from dprec.data.schema import ITEM_TEXT_FIELDS  # noqa: E402
+from dprec.features.config import ExtractConfig, TextConfig  # noqa: E402
+from dprec.features.pipeline import run_extract  # noqa: E402
+from dprec.features.text import TextEncoder, length_batches, resolve_text_model  # noqa: E402
 
 SHARED = Path(os.environ.get("DPREC_SHARED_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
 SEED = 0
@@ -120,7 +122,7 @@ class PeakRSS:
 
 def item_fields(ds) -> list[dict[str, str]]:
     """Each item's text fields, as the pipeline's work units carry them."""
-    return [{k: str(r[k]) for k in TEXT_FIELDS} for _, r in ds.items.iterrows()]
+    return [{k: str(r[k]) for k in ITEM_TEXT_FIELDS} for _, r in ds.items.iterrows()]
 
 
 def bare_loop(model: str, ds, batch_size: int, threads: int, cache: str | None) -> dict:

@@ -40,7 +40,8 @@ def prepare(name: str, workdir: Path) -> Path:
 
 def run_job(dataset_dir: str, model: dict, backend: str, epochs: int, patience: int, seed: int) -> dict:
     """One configuration in this (fresh) process; returns metrics, timings and peak memory."""
-    from dprec.train import RunConfig, TrainConfig, Trainer
+    from dprec.training.config import RunConfig, TrainConfig
+    from dprec.training.loop import Trainer
 
     cfg = RunConfig(
         dataset=dataset_dir,

@@ -6,7 +6,7 @@
 Each model trains ``--epochs`` epochs (no early stopping) in a fresh process, so the peak
 resident memory is its own; the table shows model build seconds (kNN graphs included), mean
 training seconds per epoch, seconds of one full validation ranking and the peak RSS. Without
-``--features`` the feature views are generated (standard normal, ``--views`` x ``--dim``; 576 =
+``--features`` the modalities are generated (standard normal, ``--modalities`` x ``--dim``; 576 =
 SmolLM2's width): timings do not depend on the values, only the kNN neighbours do.
 """
 
@@ -22,18 +22,20 @@ import numpy as np
 
 
 def run_one(
-    dataset: str, model: str, features: dict[str, str], views: int, dim: int, epochs: int, threads: int
+    dataset: str, model: str, features: dict[str, str], modalities: int, dim: int, epochs: int, threads: int
 ) -> dict:
     from dprec.config import from_dict
     from dprec.data.dataset import load_dataset
-    from dprec.train import RunConfig, Trainer, load_features
+    from dprec.features.modalities import load_features
+    from dprec.training.config import RunConfig
+    from dprec.training.loop import Trainer
 
     ds = load_dataset(dataset)
     if features:
         feats, _ = load_features(features, ds)
     else:
         rng = np.random.default_rng(0)
-        feats = {f"v{i}": rng.standard_normal((ds.n_items, dim), dtype=np.float32) for i in range(views)}
+        feats = {f"v{i}": rng.standard_normal((ds.n_items, dim), dtype=np.float32) for i in range(modalities)}
     cfg = from_dict(
         RunConfig,
         {"dataset": dataset, "model": {"name": model}, "train": {"epochs": epochs, "threads": threads, "seed": 1}},
@@ -63,9 +65,9 @@ def run_one(
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", required=True)
-    p.add_argument("--features", nargs="*", default=[], metavar="VIEW=FOLDER#MODALITY")
+    p.add_argument("--features", nargs="*", default=[], metavar="NAME=FOLDER#MODALITY")
     p.add_argument("--models", nargs="+", default=["lightgcn", "mgcn", "lgmrec", "dprec"])
-    p.add_argument("--views", type=int, default=1, help="generated views (without --features)")
+    p.add_argument("--modalities", type=int, default=1, help="generated modalities (without --features)")
     p.add_argument("--dim", type=int, default=576, help="generated feature width (without --features)")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
@@ -74,9 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for model in a.models:  # one fresh process per model: its own peak memory
         with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
-            rows.append(pool.submit(run_one, a.dataset, model, features, a.views, a.dim, a.epochs, a.threads).result())
+            rows.append(
+                pool.submit(run_one, a.dataset, model, features, a.modalities, a.dim, a.epochs, a.threads).result()
+            )
         print(rows[-1], flush=True)
-    what = ", ".join(features) if features else f"{a.views} generated view(s) x {a.dim}-d"
+    what = ", ".join(features) if features else f"{a.modalities} generated modalities x {a.dim}-d"
     print(f"\n{a.dataset}, features: {what}, {a.threads} threads, {a.epochs} epochs\n")
     print("| model | parameters | build s | train s/epoch | eval s | peak MiB | epoch time / LightGCN |")
     print("|---|---|---|---|---|---|---|")

@@ -28,7 +28,7 @@ ml100k() {
 }
 
 default() {
-  # the embedded default catalogue (text + PNG images); SmolLM2 text and MobileNetV2 image views, as the demo
+  # the embedded default catalogue (text + PNG images); SmolLM2 text and MobileNetV2 image modalities, as the demo
   [ -f data/default/dataset.json ] || "$PY" -m dprec.prepare synthetic --out data/default
   "$PY" -m dprec.extract --dataset data/default --out data_shards/default/smollm2-mobilenet --text-model smollm2 \
     --image-model mobilenet_v2 --text-actors 1 --image-actors 1 --cpus-per-actor 1 --torch-threads 1

@@ -48,8 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def train_and_register(store: Path, epochs: int):
     """LightGCN on the embedded default dataset, registered as dprec-default in ``store``; returns the trainer."""
     from dprec.data.synthetic import generate
-    from dprec.registry import register_trainer
-    from dprec.train import RunConfig, TrainConfig, Trainer
+    from dprec.tracking.registry import register_model
+    from dprec.training.config import RunConfig, TrainConfig
+    from dprec.training.loop import Trainer
 
     cfg = RunConfig(
         dataset="embedded-default",
@@ -59,7 +60,7 @@ def train_and_register(store: Path, epochs: int):
     )
     trainer = Trainer(cfg, ds=generate())
     result = trainer.fit(log=lambda s: None)
-    registration = register_trainer(trainer, result, uri=os.environ["MLFLOW_TRACKING_URI"])
+    registration = register_model(trainer.trained_model(), result, uri=os.environ["MLFLOW_TRACKING_URI"])
     return trainer, registration
 
 

@@ -7,8 +7,8 @@
 #   DPREC_MLFLOW_ARTIFACTS=/shared/mlflow/artifacts cluster/start_mlflow_server.sh
 #
 # Every training node then sets   export MLFLOW_TRACKING_URI=http://<this host>:<port>
-# (for DeepSpeed multi-node runs put that line in .deepspeed_env), and dprec.tracking /
-# dprec.registry / `mlflow models serve -m models:/dprec-<dataset>@champion` use the server.
+# (for DeepSpeed multi-node runs put that line in .deepspeed_env), and dprec.tracking
+# (runs and registry) / `mlflow models serve -m models:/dprec-<dataset>@champion` use the server.
 #
 # Settings (environment, defaults in brackets):
 #   DPREC_MLFLOW_HOST        interface to bind [127.0.0.1]. On a real cluster use 0.0.0.0 so that

@@ -26,14 +26,20 @@ from pathlib import Path
 
 import yaml
 
-from dprec.evaluate import format_metrics
-from dprec.train import RunConfig, TrainConfig, Trainer
+from dprec.config import DPRecError, run_stage
+from dprec.training.config import RunConfig, TrainConfig
+from dprec.training.loop import Trainer
+from dprec.training.metrics import format_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+class StepFailed(DPRecError, RuntimeError):
+    """A stage of the demo exited with a non-zero code."""
+
+
 def run_step(title: str, cmd: list[str], env: dict[str, str]) -> str:
-    """Run one stage as its users run it; stream its output; return it (fail loudly)."""
+    """Run one stage as its users run it; stream its output; return it (raise :class:`StepFailed` if it fails)."""
     print(f"\n== {title}\n   $ {' '.join(cmd)}", flush=True)
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -43,7 +49,7 @@ def run_step(title: str, cmd: list[str], env: dict[str, str]) -> str:
         if not line.startswith("[20") and "Warning" not in line:  # keep the launcher's INFO noise out
             print("   " + line.rstrip(), flush=True)
     if proc.wait():
-        raise SystemExit(f"demo: step '{title}' failed with exit code {proc.returncode}")
+        raise StepFailed(f"step '{title}' failed with exit code {proc.returncode}")
     print(f"   ({time.perf_counter() - t0:.0f} s)", flush=True)
     return "".join(lines)
 
@@ -66,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=2024)
     parser.add_argument("--user", default="U00000", help="user asked for recommendations at the end")
     args = parser.parse_args(argv)
+    return run_stage("demo", lambda: run_demo(args))
+
+
+def run_demo(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     workdir, shards = (p if p.is_absolute() else ROOT / p for p in (args.workdir, args.shards))
     env = {

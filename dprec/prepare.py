@@ -2,56 +2,31 @@
 
 Local commands (the same on a cluster head node; prepare runs on one machine)::
 
-    # MMRec folder, kept with its split (x_label); MMRec IDs stay the indices
-    python -m dprec.prepare mmrec ../shared/data/amazon-baby --out data/baby
-    # Sports: original ASINs, keyword text and chronological positions through user_sequence.txt
-    python -m dprec.prepare mmrec ../shared/data/amazon-sports --user-sequence user_sequence.txt \\
-        --item-keywords item_keywords.txt --split chrono --out data/sports-chrono
-    # raw Amazon reviews (2014 or 2018, JSON lines, .gz or plain), 5-core, MMRec-style random 8:1:1
+    python -m dprec.prepare mmrec ../shared/data/amazon-baby --out data/baby       # MMRec folder, its split
     python -m dprec.prepare amazon --reviews reviews_Baby_5.json.gz --meta meta_Baby.json.gz --out data/baby-raw
-    # generic tables through a shipped preset or your own YAML (see dprec/data/readers/table.py)
     python -m dprec.prepare table --preset ml-100k --root ../shared/data/ml-100k --out data/ml-100k
-    python -m dprec.prepare table --preset hm-sample --root ../shared/data/hm-sample --out data/hm-sample
     python -m dprec.prepare table --interactions ratings.csv --user-col uid --item-col iid --time-col ts \\
         --items items.parquet --item-key iid --item-field title=name --item-field categories=genre,style --out data/x
-    # the embedded synthetic default (what the demo uses)
-    python -m dprec.prepare synthetic --out data/default
+    python -m dprec.prepare synthetic --out data/default                         # the embedded default
 
-Common options: ``--split {given,random,chrono}`` (default: ``given`` where the source has
-labels, else the source's default), ``--seed N`` (random split), ``--kcore K`` (default 5 for raw
-Amazon, 1 = no filtering for MMRec and presets), ``--keep-cold-items``, ``--strict``,
-``--max-malformed N``. Splits are described in ``dprec.data.splits``.
-
-Bad input (details in ``dprec.data.readers.common`` and ``.build``):
-
-==============================================  =============================================
-case                                            what happens
-==============================================  =============================================
-file not what its name says (.gz not gzip,      error naming the file and what it looks like
-.parquet that is text, text that is binary)
-malformed line (field count, non-integer ID,    skipped, counted ``malformed``, first ones
-bad JSON, bad number/date, blank ID)            printed; error above ``--max-malformed``
-duplicate (user, item)                          earliest kept, counted ``duplicate_interaction``
-interaction naming an item not in the items     skipped, counted ``unknown_item``
-item listed twice in an item table              first kept, counted ``duplicate_item``
-nothing left after k-core                       error: lower ``--kcore``
-==============================================  =============================================
-
-``--strict`` turns every counted skip into an error naming its ``path:line``. The counts are
-in ``dataset.json`` (``skipped``) and in the one-line JSON summary printed at the end.
+Splits are described in ``dprec.data.splits``, the table mapping in ``dprec.data.readers.table``.
+Bad input is skipped and counted, or refused with an error naming ``path:line`` (``--strict``
+refuses every skip); the rules, more commands and the table of cases: docs/data-and-features.md.
+The counts are in ``dataset.json`` (``skipped``) and in the one-line JSON summary printed last;
+``main`` returns 0, or 1 with ``prepare: error: ...`` on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
+import logging
 import time
 from pathlib import Path
 from typing import Any
 
-from dprec.config import ConfigError
-from dprec.data.dataset import Dataset, DatasetError, save_dataset
+from dprec.config import ConfigError, add_arguments, args_dict, from_args, run_stage
+from dprec.data.dataset import Dataset, save_dataset
 from dprec.data.readers import (
     BuildOptions,
     RawData,
@@ -62,23 +37,17 @@ from dprec.data.readers import (
     read_mmrec,
     read_table_source,
 )
-from dprec.data.splits import SPLIT_RULES
+from dprec.data.schema import SPLIT_NAMES
+from dprec.io import log_to_console
+
+log = logging.getLogger(__name__)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="dataset folder to write")
     parser.add_argument("--name", help="dataset name (default: from the source)")
-    parser.add_argument("--split", choices=SPLIT_RULES, help="split rule (default: the source's)")
-    parser.add_argument("--seed", type=int, help="seed of the random split (default 0)")
-    parser.add_argument("--kcore", type=int, help="min interactions per user and item, iterated (1 = no filter)")
-    parser.add_argument(
-        "--keep-cold-items",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="keep catalogue items without interactions",
-    )
-    parser.add_argument("--strict", action="store_true", help="any skipped input is an error")
-    parser.add_argument("--max-malformed", type=int, default=100, help="error above this many malformed lines")
+    add_arguments(parser, BuildOptions)
+    add_arguments(parser, SkipLog)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -136,7 +105,13 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _table_overrides(args: argparse.Namespace) -> dict[str, Any]:
+def _given(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` without the flags not given (None) and without mappings left empty."""
+    out = {k: _given(v) if isinstance(v, dict) else v for k, v in values.items() if v is not None}
+    return {k: v for k, v in out.items() if v != {}}
+
+
+def _table_overrides(args: argparse.Namespace, keep_cold_items: bool | None) -> dict[str, Any]:
     fields: dict[str, Any] = {}
     for item in args.item_field:
         name, sep, cols = item.partition("=")
@@ -151,7 +126,7 @@ def _table_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "categories_sep": args.categories_sep,
         "image_template": args.image_template,
         "extra": args.item_extra or None,
-        "keep_all": args.keep_cold_items,
+        "keep_all": keep_cold_items,
     }
     inter = {
         "path": args.interactions,
@@ -162,15 +137,17 @@ def _table_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "rating": args.rating_col,
         "split": args.split_col,
     }
-    return {
-        "interactions": inter,
-        "items": items if any(v is not None for v in items.values()) else None,
-        "integer_user_ids": args.integer_user_ids,
-        "integer_item_ids": args.integer_item_ids,
-    }
+    return _given(
+        {
+            "interactions": inter,
+            "items": items,
+            "integer_user_ids": args.integer_user_ids,
+            "integer_item_ids": args.integer_item_ids,
+        }
+    )
 
 
-def read_source(args: argparse.Namespace, skips: SkipLog) -> RawData:
+def read_source(args: argparse.Namespace, options: BuildOptions, skips: SkipLog) -> RawData:
     """Dispatch to the reader of ``args.source``."""
     if args.source == "mmrec":
         return read_mmrec(
@@ -188,29 +165,28 @@ def read_source(args: argparse.Namespace, skips: SkipLog) -> RawData:
             args.meta,
             skips,
             image_template=args.image_template,
-            keep_cold_items=bool(args.keep_cold_items),
+            keep_cold_items=bool(options.keep_cold_items),
         )
-    spec = load_spec(args.preset, _table_overrides(args))
-    if spec.items is None and args.keep_cold_items:
+    spec = load_spec(args.preset, _table_overrides(args, options.keep_cold_items))
+    if spec.items is None and options.keep_cold_items:
         raise ConfigError("--keep-cold-items needs an item table (--items or a preset with items)")
     return read_table_source(spec, args.root, skips)
 
 
 def prepare(args: argparse.Namespace) -> tuple[Dataset, SkipLog]:
     """Read, build and write the dataset that ``args`` describe."""
-    skips = SkipLog(strict=args.strict, max_malformed=args.max_malformed)
+    skips = from_args(SkipLog, args)
+    options = from_args(BuildOptions, args)
     if args.source == "synthetic":
         from dprec.data.synthetic import SyntheticSpec, generate
 
-        spec = SyntheticSpec() if args.seed is None else SyntheticSpec(seed=args.seed)
-        ds = generate(spec, split=args.split or "random")
+        seed = args_dict(BuildOptions, args).get("seed")
+        spec = SyntheticSpec() if seed is None else SyntheticSpec(seed=seed)
+        ds = generate(spec, split=options.split or "random")
     else:
-        raw = read_source(args, skips)
+        raw = read_source(args, options, skips)
         if args.name:
             raw.name = args.name
-        options = BuildOptions(
-            split=args.split, seed=args.seed or 0, kcore=args.kcore, keep_cold_items=args.keep_cold_items
-        )
         ds = build_dataset(raw, options, skips)
     ds.meta["prepare"] = {
         k: str(v) if isinstance(v, Path) else v
@@ -228,7 +204,7 @@ def summary(ds: Dataset, out: Path, seconds: float) -> dict[str, Any]:
         "out": str(out),
         "users": ds.n_users,
         "items": ds.n_items,
-        "interactions": {"train": per["0"], "valid": per["1"], "test": per["2"]},
+        "interactions": {name: per[str(label)] for label, name in SPLIT_NAMES.items()},
         "skipped": ds.meta.get("skipped", {}),
         "kcore_removed": ds.meta.get("kcore_removed_interactions", 0),
         "content_hash": ds.meta["content_hash"],
@@ -237,17 +213,19 @@ def summary(ds: Dataset, out: Path, seconds: float) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Prepare the dataset ``argv`` describes; 0 on success, 2 (and the reason on stderr) on failure."""
     args = _parser().parse_args(argv)
-    start = time.perf_counter()
-    try:
+    log_to_console()
+
+    def body() -> int:
+        start = time.perf_counter()
         ds, skips = prepare(args)
-    except (DatasetError, ConfigError) as exc:
-        print(f"prepare: error: {exc}", file=sys.stderr)
-        return 1
-    for message in skips.examples:
-        print(f"prepare: skipped {message}", file=sys.stderr)
-    print(json.dumps(summary(ds, args.out, time.perf_counter() - start)), flush=True)
-    return 0
+        for message in skips.examples:
+            log.warning("prepare: skipped %s", message)
+        print(json.dumps(summary(ds, args.out, time.perf_counter() - start)), flush=True)
+        return 0
+
+    return run_stage("prepare", body)
 
 
 if __name__ == "__main__":

@@ -26,3 +26,15 @@ def shared_data() -> Path:
     if not root.is_dir():
         pytest.skip(f"real datasets not found at {root} (set DPREC_SHARED_DATA to the shared data folder)")
     return root
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` need a CUDA device; on a machine without one they are skipped, saying so."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

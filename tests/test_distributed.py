@@ -23,8 +23,8 @@ from mlflow.tracking import MlflowClient
 from dprec.config import ConfigError
 from dprec.data.dataset import save_dataset
 from dprec.data.synthetic import SyntheticSpec, generate
-from dprec.distributed import complete_deepspeed_config
-from dprec.train import RunConfig, TrainConfig
+from dprec.training.config import RunConfig, TrainConfig
+from dprec.training.distributed import complete_deepspeed_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DEEPSPEED = Path(sys.executable).parent / "deepspeed"

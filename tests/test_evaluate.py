@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from dprec.evaluate import UserItemSets, evaluate_ranking, finalize
+from dprec.data.interactions import UserItemSets
+from dprec.training.metrics import evaluate_ranking, finalize
 
 SCORES = torch.tensor(
     [

@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -14,6 +16,7 @@ from PIL import Image
 from dprec import extract
 from dprec.data.dataset import make_dataset, save_dataset
 from dprec.features import read_features
+from dprec.features.config import ExtractConfig, TextConfig
 from dprec.features.shards import load_manifest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -49,7 +52,7 @@ def summary_line(capsys) -> dict:
 
 def test_cli_local_run_prints_one_json_summary(dataset, tmp_path, capsys):
     out = tmp_path / "feats"
-    extract.main(
+    rc = extract.main(
         [
             "--dataset",
             str(dataset),
@@ -67,6 +70,7 @@ def test_cli_local_run_prints_one_json_summary(dataset, tmp_path, capsys):
             "1",
         ]
     )
+    assert rc == 0
     summary = summary_line(capsys)
     assert summary["event"] == "extract_summary"
     assert (summary["items"], summary["shards_written"], summary["shards_skipped"]) == (N, 3, 0)
@@ -76,7 +80,7 @@ def test_cli_local_run_prints_one_json_summary(dataset, tmp_path, capsys):
     assert load_manifest(out)["spec"]["store_dtype"] == "float16"
     assert json.loads((out / "extract_config.json").read_text())["items_per_shard"] == 3
 
-    extract.main(
+    rc = extract.main(
         [
             "--dataset",
             str(dataset),
@@ -94,35 +98,65 @@ def test_cli_local_run_prints_one_json_summary(dataset, tmp_path, capsys):
             "1",
         ]
     )
+    assert rc == 0
     again = summary_line(capsys)
     assert (again["shards_written"], again["shards_skipped"]) == (0, 3)
 
 
-def test_cli_errors_exit_2_with_a_message(dataset, tmp_path, capsys):
-    with pytest.raises(SystemExit) as exc:
-        extract.main(
-            ["--dataset", str(dataset), "--out", str(tmp_path / "o"), "--text-model", "none", "--image-model", "none"]
-        )
-    assert exc.value.code == 2 and "nothing to extract" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as exc:
-        extract.main(["--dataset", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), "--executor", "local"])
-    assert exc.value.code == 2 and "not a dataset folder" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as exc:
-        extract.main(
-            [
-                "--dataset",
-                str(dataset),
-                "--out",
-                str(tmp_path / "o"),
-                "--executor",
-                "local",
-                "--text-model",
-                str(tmp_path / "no-model"),
-                "--image-model",
-                "none",
-            ]
-        )
-    assert exc.value.code == 2 and "cannot read its config" in capsys.readouterr().err
+def test_cli_errors_return_2_with_a_message(dataset, tmp_path, capsys):
+    rc = extract.main(
+        ["--dataset", str(dataset), "--out", str(tmp_path / "o"), "--text-model", "none", "--image-model", "none"]
+    )
+    assert rc == 2 and "nothing to extract" in capsys.readouterr().err
+    rc = extract.main(["--dataset", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), "--executor", "local"])
+    assert rc == 2 and "not a dataset folder" in capsys.readouterr().err
+    rc = extract.main(
+        [
+            "--dataset",
+            str(dataset),
+            "--out",
+            str(tmp_path / "o"),
+            "--executor",
+            "local",
+            "--text-model",
+            str(tmp_path / "no-model"),
+            "--image-model",
+            "none",
+        ]
+    )
+    assert rc == 2 and "cannot read its config" in capsys.readouterr().err
+    rc = extract.main(["--dataset", str(dataset), "--out", str(tmp_path / "o"), "--items-per-shard", "0"])
+    assert rc == 2 and "items_per_shard must be >= 1" in capsys.readouterr().err
+
+
+def test_cli_flags_are_the_config_fields(dataset, tmp_path):
+    """Every flag maps to one config field; ``none`` drops a modality; unnamed fields keep their defaults."""
+    args = extract._extract_parser().parse_args(
+        [
+            "--dataset",
+            str(dataset),
+            "--out",
+            str(tmp_path / "o"),
+            "--text-model",
+            "minilm",
+            "--pooling",
+            "mean",
+            "--text-batch-size",
+            "4",
+            "--text-dtype",
+            "float32",
+            "--image-model",
+            "none",
+            "--no-spread",
+            "--gpus-per-actor",
+            "0",
+        ]
+    )
+    cfg = extract.config_from_args(args)
+    assert cfg.image is None and cfg.spread is False and cfg.gpus_per_actor == 0.0
+    assert (cfg.text.model, cfg.text.pooling, cfg.text.batch_size, cfg.text.dtype) == ("minilm", "mean", 4, "float32")
+    assert cfg.items_per_shard == ExtractConfig.__dataclass_fields__["items_per_shard"].default == 256
+    assert cfg.text.max_padding == TextConfig().max_padding
 
 
 def test_import_mmrec_features(dataset, tmp_path, capsys):
@@ -145,7 +179,7 @@ def test_import_mmrec_features(dataset, tmp_path, capsys):
         "--items-per-shard",
         "4",
     ]
-    extract.main(argv)
+    assert extract.main(argv) == 0
     summary = summary_line(capsys)
     assert (summary["shards_written"], summary["failures"]) == (2, {"image_nonfinite": 1})
     feats = read_features(out, dataset=dataset)
@@ -159,25 +193,39 @@ def test_import_mmrec_features(dataset, tmp_path, capsys):
         "text": 5,
         "image": 3,
     }
-    extract.main(argv)
+    assert extract.main(argv) == 0
     assert summary_line(capsys)["shards_skipped"] == 2
 
 
 def test_import_mmrec_refuses_a_row_count_mismatch(dataset, tmp_path, capsys):
     np.save(tmp_path / "text_feat.npy", np.zeros((N + 1, 4), np.float32))
-    with pytest.raises(SystemExit) as exc:
-        extract.main(
-            [
-                "import-mmrec",
-                "--dataset",
-                str(dataset),
-                "--text-feat",
-                str(tmp_path / "text_feat.npy"),
-                "--out",
-                str(tmp_path / "o"),
-            ]
-        )
-    assert exc.value.code == 2 and f"text_feat.npy: shape ({N + 1}, 4), expected ({N}, dim)" in capsys.readouterr().err
+    rc = extract.main(
+        [
+            "import-mmrec",
+            "--dataset",
+            str(dataset),
+            "--text-feat",
+            str(tmp_path / "text_feat.npy"),
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
+    assert rc == 2 and f"text_feat.npy: shape ({N + 1}, 4), expected ({N}, dim)" in capsys.readouterr().err
+    rc = extract.main(["import-mmrec", "--dataset", str(dataset), "--out", str(tmp_path / "o")])
+    assert rc == 2 and "give --text-feat and/or --image-feat" in capsys.readouterr().err
+
+
+def test_module_exit_code_is_mains_return_code(dataset, tmp_path):
+    """``python -m dprec.extract``: exit status 0 after a successful run, 2 after a failed one."""
+    np.save(tmp_path / "text_feat.npy", np.ones((N, 4), np.float32))
+    cmd = [sys.executable, "-m", "dprec.extract", "import-mmrec", "--dataset", str(dataset), "--out"]
+    ok = subprocess.run(
+        [*cmd, str(tmp_path / "o"), "--text-feat", str(tmp_path / "text_feat.npy")], capture_output=True
+    )
+    assert ok.returncode == 0, ok.stderr.decode()
+    assert json.loads(ok.stdout.decode().splitlines()[-1])["shards_written"] == 1
+    bad = subprocess.run([*cmd, str(tmp_path / "o2"), "--text-feat", str(tmp_path / "none.npy")], capture_output=True)
+    assert bad.returncode == 2 and b"extract: error: " in bad.stderr
 
 
 def test_docstring_gives_local_and_cluster_commands():

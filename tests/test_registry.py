@@ -26,15 +26,15 @@ from test_tracking import (
 )
 
 from dprec.recommend import main as recommend_main
-from dprec.registry import (
+from dprec.tracking.registry import (
     ELIGIBLE_TAG,
     aliases_of,
     best_version,
     export_bundle,
-    register_trainer,
+    register_model,
     settle_aliases,
 )
-from dprec.train import Trainer
+from dprec.training.loop import Trainer
 
 NAME = "dprec-grouped"
 REPO = Path(__file__).resolve().parents[1]
@@ -66,7 +66,7 @@ def trained():
 
 def register(trained, key, **kw):
     trainer, result = trained[key]
-    return register_trainer(trainer, result, **kw)
+    return register_model(trainer.trained_model(), result, **kw)
 
 
 def in_process_top_k(trainer, k):
@@ -206,11 +206,14 @@ def test_unknown_users_and_malformed_requests(store, trained):
 
 def test_concurrent_registrations_leave_one_best_champion(store, trained, tmp_path):
     register(trained, "short")
-    bundles = [export_bundle(*trained[key], tmp_path / key) for key in ("popularity", "long")]
+    bundles = [
+        export_bundle(trained[key][0].trained_model(), trained[key][1], tmp_path / key)
+        for key in ("popularity", "long")
+    ]
     env = {**os.environ, "MLFLOW_TRACKING_URI": store}
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "dprec.registry", "register", "--bundle", str(b)],
+            [sys.executable, "-m", "dprec.register", "register", "--bundle", str(b)],
             env=env,
             cwd=REPO,
             stdout=subprocess.PIPE,

@@ -17,9 +17,11 @@ from mlflow.tracking import MlflowClient
 from test_train import clustered_dataset
 
 from dprec.data.dataset import make_dataset
-from dprec.registry import aliases_of
-from dprec.tracking import RunTracker, flatten, metric_name, tracking_uri
-from dprec.train import RunConfig, TrainConfig, Trainer
+from dprec.tracking.registry import aliases_of
+from dprec.tracking.store import metric_name, tracking_uri
+from dprec.tracking.tracker import RunTracker, flatten
+from dprec.training.config import RunConfig, TrainConfig
+from dprec.training.loop import Trainer
 
 
 def grouped_dataset(n_users=120, n_items=80, per_user=12, seed=0):
@@ -260,7 +262,7 @@ def test_tracking_server_on_loopback(dataset, template, tmp_path, monkeypatch):
         result = trainer.fit(log=lambda s: None)
         tracker.log_epoch(result["history"][0], step=0)
         tracker.log_test(result["test"], result["best_epoch"])
-        registration = tracker.register(trainer, result)
+        registration = tracker.register(trainer.trained_model(), result)
         tracker.finish(result["history"])
         client = MlflowClient(uri)
         run = client.get_run(run_id)

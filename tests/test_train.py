@@ -5,8 +5,11 @@ import torch
 
 from dprec.config import ConfigError
 from dprec.data.dataset import make_dataset, save_dataset
-from dprec.evaluate import UserItemSets
-from dprec.train import NegativeSampler, RunConfig, TrainConfig, Trainer, load_config, load_run, save_run
+from dprec.data.interactions import UserItemSets
+from dprec.training.config import RunConfig, TrainConfig, load_config
+from dprec.training.loop import Trainer
+from dprec.training.run import load_run, save_run
+from dprec.training.sampler import NegativeSampler
 
 
 def clustered_dataset(n_users=120, n_items=80, per_user=12, seed=0):

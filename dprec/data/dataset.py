@@ -1,29 +1,18 @@
 """The canonical dataset folder (DESIGN §2): written by ``dprec.prepare``, read by every later stage.
 
-Layout of a dataset folder::
+A folder holds ``interactions.parquet``, ``items.parquet`` and ``users.parquet`` (columns in
+:mod:`dprec.data.schema`) and ``dataset.json`` (name, source, split rule, seed, counts,
+missing-field and skipped-input counts, content hash, format version), written last.
 
-    <folder>/
-      interactions.parquet  user_idx int64, item_idx int64, timestamp int64 (-1 = unknown),
-                            rating float32 (NaN = unknown), split int8 (0 train, 1 valid, 2 test)
-      items.parquet         item_idx int64, item_id str, title str, description str, brand str,
-                            categories str ("|"-joined), image_path str, image_url str,
-                            image_bytes binary, extra str (JSON object of further item attributes
-                            such as director or year, "" when none)   (missing text = "", missing image = "" / b"")
-      users.parquet         user_idx int64, user_id str
-      dataset.json          name, source, split rule, seed, counts, missing-field counts,
-                            skipped-input counts, content hash, format version
-
-Indices are dense from 0 in both users and items. ``image_path`` is absolute, or relative to
-the dataset folder. The content hash covers the logical content (not the parquet bytes), so it
-is stable across pyarrow versions; feature shards record it and the shard reader checks it.
+The content hash covers the logical content (interaction arrays, ID maps, item text and image
+references and bytes), not the parquet bytes, so it is stable across pyarrow versions;
+``items_hash`` covers the item catalogue alone, and feature shards record and check it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,14 +20,40 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from dprec.config import DPRecError
+from dprec.data.schema import (
+    INTERACTION_COLUMNS,
+    INTERACTION_DTYPES,
+    ITEM_COLUMNS,
+    ITEM_TEXT_FIELDS,
+    SPLIT_LABELS,
+    SPLIT_TEST,
+    SPLIT_TRAIN,
+    SPLIT_VALID,
+    USER_COLUMNS,
+)
+from dprec.io import atomic_write_text, atomic_write_with
+
 FORMAT_VERSION = 1
-SPLIT_TRAIN, SPLIT_VALID, SPLIT_TEST = 0, 1, 2
-ITEM_TEXT_FIELDS = ("title", "description", "brand", "categories")
-ITEM_COLUMNS = ("item_idx", "item_id", *ITEM_TEXT_FIELDS, "image_path", "image_url", "image_bytes", "extra")
-INTERACTION_COLUMNS = ("user_idx", "item_idx", "timestamp", "rating", "split")
+# in items.parquet's column order: the hash does not follow the prompt order of ITEM_TEXT_FIELDS
+HASHED_ITEM_COLUMNS = tuple(c for c in ITEM_COLUMNS if c not in ("item_idx", "image_bytes", "extra"))
+__all__ = [
+    "FORMAT_VERSION",
+    "SPLIT_TEST",
+    "SPLIT_TRAIN",
+    "SPLIT_VALID",
+    "Dataset",
+    "DatasetError",
+    "content_hash",
+    "items_hash",
+    "load_dataset",
+    "make_dataset",
+    "save_dataset",
+    "validate",
+]
 
 
-class DatasetError(ValueError):
+class DatasetError(DPRecError, ValueError):
     """A dataset folder or table breaks the contract; the message names the file and the fault."""
 
 
@@ -98,10 +113,7 @@ def make_dataset(
             raise DatasetError(f"interactions: missing column {col!r}")
     inter["timestamp"] = inter["timestamp"].fillna(-1) if "timestamp" in inter else -1
     inter["rating"] = inter["rating"] if "rating" in inter else np.nan
-    inter = inter[list(INTERACTION_COLUMNS)].astype(
-        {"user_idx": "int64", "item_idx": "int64", "timestamp": "int64", "rating": "float32", "split": "int8"}
-    )
-    inter = inter.reset_index(drop=True)
+    inter = inter[list(INTERACTION_COLUMNS)].astype(INTERACTION_DTYPES).reset_index(drop=True)
 
     it = items.copy()
     if "item_idx" not in it or "item_id" not in it:
@@ -115,7 +127,7 @@ def make_dataset(
 
     us = users.copy()
     us["user_id"] = _as_str(us["user_id"])
-    us = us[["user_idx", "user_id"]].astype({"user_idx": "int64"}).sort_values("user_idx").reset_index(drop=True)
+    us = us[list(USER_COLUMNS)].astype({"user_idx": "int64"}).sort_values("user_idx").reset_index(drop=True)
 
     ds = Dataset(name=name, interactions=inter, items=it, users=us, meta=dict(meta or {}))
     validate(ds)
@@ -125,8 +137,8 @@ def make_dataset(
         n_users=ds.n_users,
         n_items=ds.n_items,
         n_interactions=len(inter),
-        n_per_split={str(k): int((inter["split"] == k).sum()) for k in (SPLIT_TRAIN, SPLIT_VALID, SPLIT_TEST)},
-        missing_fields={col: int((it[col] == "").sum()) for col in (*ITEM_TEXT_FIELDS,)}
+        n_per_split={str(k): int((inter["split"] == k).sum()) for k in SPLIT_LABELS},
+        missing_fields={col: int((it[col] == "").sum()) for col in ITEM_TEXT_FIELDS}
         | {"image": int(((it["image_path"] == "") & (it["image_url"] == "") & (it["image_bytes"] == b"")).sum())},
         content_hash=content_hash(ds),
     )
@@ -155,7 +167,7 @@ def validate(ds: Dataset) -> None:
         raise DatasetError(f"{where}: interactions name user indices outside 0..{ds.n_users - 1}")
     if inter["item_idx"].min() < 0 or inter["item_idx"].max() >= ds.n_items:
         raise DatasetError(f"{where}: interactions name item indices outside 0..{ds.n_items - 1}")
-    bad_split = ~inter["split"].isin([SPLIT_TRAIN, SPLIT_VALID, SPLIT_TEST])
+    bad_split = ~inter["split"].isin(SPLIT_LABELS)
     if bad_split.any():
         raise DatasetError(f"{where}: split labels must be 0, 1 or 2, found {inter.loc[bad_split, 'split'].iloc[0]}")
     if inter.duplicated(["user_idx", "item_idx"]).any():
@@ -183,13 +195,13 @@ def _json_scalar(value):
 
 def _hash_items(h, items) -> None:
     """Feed the item catalogue (ids, text, image references and bytes, extra attributes) to ``h``."""
-    for col in ("item_id", *ITEM_TEXT_FIELDS, "image_path", "image_url"):
+    for col in HASHED_ITEM_COLUMNS:
         h.update(col.encode())
         h.update(json.dumps(items[col].tolist(), ensure_ascii=False, default=_json_scalar).encode())
     h.update(b"image_bytes")
     for b in items["image_bytes"]:
         h.update(hashlib.sha256(b).digest())
-    if "extra" in items and (items["extra"] != "").any():  # hashed only when used: older hashes stay valid
+    if (items["extra"] != "").any():  # only when some item has attributes (see docs/data-and-features.md)
         h.update(b"extra")
         h.update(json.dumps(items["extra"].tolist(), ensure_ascii=False, default=_json_scalar).encode())
 
@@ -205,26 +217,13 @@ def items_hash(ds: Dataset) -> str:
     return h.hexdigest()
 
 
-def _atomic_write_bytes(path: Path, write) -> None:
-    """Write through a temporary file in the same folder and rename, so a crash leaves no half file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def save_dataset(ds: Dataset, folder: str | Path) -> Path:
     """Write the folder; ``dataset.json`` last, so a folder with it is complete."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for name, frame in (("interactions", ds.interactions), ("items", ds.items), ("users", ds.users)):
-        _atomic_write_bytes(folder / f"{name}.parquet", lambda p, f=frame: f.to_parquet(p, index=False))
-    text = json.dumps(ds.meta, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
-    _atomic_write_bytes(folder / "dataset.json", lambda p: Path(p).write_text(text, encoding="utf-8"))
+        atomic_write_with(folder / f"{name}.parquet", lambda p, f=frame: f.to_parquet(p, index=False))
+    atomic_write_text(folder / "dataset.json", json.dumps(ds.meta, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
     ds.folder = folder
     return folder
 
@@ -239,14 +238,15 @@ def load_dataset(folder: str | Path, verify_hash: bool = False) -> Dataset:
     if meta.get("format_version") != FORMAT_VERSION:
         raise DatasetError(f"{meta_path}: format_version {meta.get('format_version')} != {FORMAT_VERSION}")
     frames = {}
-    for name in ("interactions", "items", "users"):
+    for name, columns in (("interactions", INTERACTION_COLUMNS), ("items", ITEM_COLUMNS), ("users", USER_COLUMNS)):
         path = folder / f"{name}.parquet"
         try:
             frames[name] = pd.read_parquet(path)
         except Exception as exc:  # noqa: BLE001 - re-raised with the file named
             raise DatasetError(f"{path}: cannot read ({exc})") from exc
-    if "extra" not in frames["items"]:  # folders written before the column existed
-        frames["items"]["extra"] = ""
+        missing = [c for c in columns if c not in frames[name]]
+        if missing:
+            raise DatasetError(f"{path}: missing column(s) {missing}; write the folder again with dprec.prepare")
     ds = Dataset(meta["name"], frames["interactions"], frames["items"], frames["users"], meta, folder)
     validate(ds)
     if verify_hash and content_hash(ds) != meta.get("content_hash"):

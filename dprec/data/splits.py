@@ -1,28 +1,30 @@
-"""Per-user train / valid / test splits (labels 0 / 1 / 2, as in :mod:`dprec.data.dataset`).
-
-Rules:
+"""Per-user train / valid / test splits (labels in :mod:`dprec.data.schema`).
 
 - ``given``: keep the labels the source carries (MMRec ``x_label``).
-- ``random``: MMRec-style per-user random 8:1:1. A user with ``n`` interactions gets
-  ``max(1, floor(0.1 n))`` valid and as many test interactions, the rest train; so a user with
-  fewer than 10 interactions has exactly one valid and one test item. A user with fewer than 3
-  interactions keeps all of them in train (one in each split would leave nothing to learn from).
-  On Amazon Baby this rule gives exactly the published split sizes (119,674 / 20,559 / 20,559).
+- ``random``: MMRec's per-user random 8:1:1. A user with ``n >= 3`` interactions gets
+  ``max(1, floor(0.1 n))`` valid and as many test interactions, the rest train; a user with fewer
+  than 3 keeps all of them in train (one in each split would leave nothing to learn from).
 - ``chrono``: the same sizes, by time: each user's latest interactions are test, the ones before
-  them valid. Equal timestamps keep the order of the rows as given (the source file order).
+  them valid; equal timestamps keep the row order given (the source file order).
 
 ``random`` is a pure function of (seed, the set of (user, item) pairs): rows are keyed in
-(user, item) order, so the input row order does not change the result.
+(user, item) order, so the input row order does not change the result. How the rule meets
+MMRec's published split sizes: docs/data-and-features.md.
 """
 
 from __future__ import annotations
 
+import typing
+from typing import Literal
+
 import numpy as np
 import pandas as pd
 
-from dprec.data.dataset import SPLIT_TEST, SPLIT_TRAIN, SPLIT_VALID, DatasetError
+from dprec.data.dataset import DatasetError
+from dprec.data.schema import SPLIT_TEST, SPLIT_TRAIN, SPLIT_VALID
 
-SPLIT_RULES = ("given", "random", "chrono")
+SplitRule = Literal["given", "random", "chrono"]
+SPLIT_RULES: tuple[str, ...] = typing.get_args(SplitRule)
 DEFAULT_RATIOS = (0.8, 0.1, 0.1)
 MIN_HOLDOUT_USER = 3
 

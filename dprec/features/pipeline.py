@@ -1,118 +1,50 @@
 """The extraction pipeline: dataset items -> per-shard work units -> model actors -> shards on the driver.
 
-Determinism. The unit of work is one shard (items ``s * items_per_shard`` onwards, a pure
-function of the item index). A shard travels as one row through the text stage and the image
-stage; inside a stage its items are batched by a rule that depends only on the shard's
-contents (text: sorted by token length, ties by item index; images: item order; fixed batch
-sizes). So whichever actor, node or retry computes a shard, it meets the same batches, and
-with the same torch thread count the same bits come out. The driver writes every shard
-(``FeatureSetWriter``), so shards land in one folder whatever the cluster size.
+Determinism: the unit of work is one shard (a pure function of the item index), travelling as
+one row through the text stage and the image stage; inside a stage its items are batched by a
+rule that depends only on the shard's contents (text: by token length, ties by item index;
+images: item order). So whichever actor, node or retry computes a shard, it meets the same
+batches, and with the same torch thread count the same bits come out; the driver writes every
+shard (``FeatureSetWriter``). Failures: a per-item failure gives a zero vector, a flag and a
+count, never a failed run; Ray restarts a dead actor and retries its shard; a dead driver leaves
+complete shards listed in the manifest, and the rerun computes the rest.
 
-Failures. A per-item failure (no text, undecodable image, a model error on one item) gives a
-zero vector, a flag in the item's ``meta.json`` and a count by kind; it never fails the run.
-An actor that dies is restarted by Ray and its shard retried (``max_restarts``,
-``max_task_retries``). A driver that dies leaves complete shards and a manifest listing them;
-the rerun computes the rest.
-
-Executors: ``ray`` (Ray Data ``map_batches`` with callable-class actor pools) and ``local``
-(the same stage classes called in this process, no Ray), which give byte-identical shards.
+Executors ``ray`` (Ray Data ``map_batches``, callable-class actor pools) and ``local`` (the same
+stages in this process) give byte-identical shards. Progress goes to this module's logger at
+INFO; Ray actors write theirs to stdout, which Ray forwards to the driver (``ray job logs``).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from dprec.data.dataset import items_hash
-from dprec.features.image import ImageConfig, ImageEncoder, ResolvedImageModel, load_image, resolve_image_model
-from dprec.features.shards import FeatureSetWriter, ShardError, atomic_write, sha256_file, shard_ranges
-from dprec.features.text import (
-    TEXT_FIELDS,
-    ResolvedTextModel,
-    TextConfig,
-    TextEncoder,
-    clean_field,
-    extra_fields,
-    extra_value_text,
-    resolve_text_model,
-)
+from dprec.config import DPRecError
+from dprec.data.dataset import items_hash, load_dataset
+from dprec.data.schema import ITEM_IMAGE_COLUMNS, ITEM_TEXT_FIELDS
+from dprec.features.config import ExtractConfig, MMRecImportConfig
+from dprec.features.image import ImageEncoder, ResolvedImageModel, load_image, resolve_image_model
+from dprec.features.prompt import clean_field, extra_value_text
+from dprec.features.shards import FeatureSetWriter, shard_ranges
+from dprec.features.text import ResolvedTextModel, TextEncoder, resolve_text_model
+from dprec.io import atomic_write_text, log_to_console, sha256_file
 
-ITEM_COLUMNS = ("item_idx", "item_id")
-IMAGE_COLUMNS = ("image_bytes", "image_path", "image_url")
 MAX_LOGGED_FAILURES = 5
+log = logging.getLogger(__name__)
 
 
-class ExtractError(RuntimeError):
+class ExtractError(DPRecError, RuntimeError):
     """The run cannot proceed as configured (resources, inputs); the message says what to change."""
-
-
-@dataclass
-class ExtractConfig:
-    """One extraction run. Saved as ``extract_config.json`` beside the shards."""
-
-    dataset: str
-    """Canonical dataset folder (``python -m dprec.prepare``)."""
-    out: str
-    """Feature folder, e.g. ``data_shards/<dataset>/<feature-set>``."""
-    text: TextConfig | None = field(default_factory=TextConfig)
-    """None: no text modality."""
-    image: ImageConfig | None = field(default_factory=ImageConfig)
-    """None: no image modality."""
-    items_per_shard: int = 256
-    store_dtype: str = "float32"
-    """``float32`` or ``float16`` for the vectors in the shards."""
-    executor: str = "ray"
-    """``ray`` (Ray Data actors) or ``local`` (this process, no Ray)."""
-    address: str | None = None
-    """Ray address; default RAY_ADDRESS, else a new local Ray instance."""
-    include_dashboard: bool = False
-    """Start the dashboard with the local Ray instance (bound to 127.0.0.1)."""
-    text_actors: int = 1
-    image_actors: int = 1
-    cpus_per_actor: float = 1.0
-    gpus_per_actor: float | None = None
-    """None: share the cluster's GPUs among the actors (at most 1 each), 0 on a CPU cluster."""
-    torch_threads: int | None = None
-    """Threads per actor (or for the local executor); default max(1, int(cpus_per_actor))."""
-    max_restarts: int = 3
-    max_task_retries: int = 3
-    spread: bool = True
-    """Spread actors over nodes (Ray's SPREAD scheduling)."""
-    overwrite: bool = False
-    """Replace a feature folder written with another configuration."""
-
-    def __post_init__(self) -> None:
-        if self.text is None and self.image is None:
-            raise ValueError("nothing to extract: both the text and the image model are 'none'")
-        if self.items_per_shard < 1:
-            raise ValueError("items_per_shard must be >= 1")
-        if self.store_dtype not in ("float32", "float16"):
-            raise ValueError(f"store_dtype must be float32 or float16, got {self.store_dtype!r}")
-        if self.executor not in ("ray", "local"):
-            raise ValueError(f"executor must be ray or local, got {self.executor!r}")
-        if self.text_actors < 1 or self.image_actors < 1 or self.cpus_per_actor <= 0:
-            raise ValueError("text_actors and image_actors must be >= 1 and cpus_per_actor > 0")
-        if self.gpus_per_actor is not None and self.gpus_per_actor < 0:
-            raise ValueError("gpus_per_actor must be >= 0")
-        if self.torch_threads is not None and self.torch_threads < 1:
-            raise ValueError("torch_threads must be >= 1")
-
-    @property
-    def threads(self) -> int:
-        return self.torch_threads or max(1, int(self.cpus_per_actor))
-
-
-def log(message: str) -> None:
-    print(f"[extract] {message}", flush=True)
 
 
 def _set_threads(n: int) -> None:
@@ -132,7 +64,7 @@ def item_extra(value: Any) -> dict[str, Any]:
 def check_extra_fields(dataset: Any, names: list[str]) -> dict[str, int]:
     """How many items carry each named ``extra`` attribute; an attribute no item has is an ExtractError."""
     counts = dict.fromkeys(names, 0)
-    if names and "extra" in dataset.items:
+    if names:
         for value in dataset.items["extra"]:
             present = item_extra(value)
             for name in names:
@@ -163,16 +95,16 @@ def build_work_units(
     for shard in shards:
         first, stop = ranges[shard]
         part = items.iloc[first:stop]
-        fields: dict[str, list[str]] = {k: [] for k in TEXT_FIELDS}
+        fields: dict[str, list[str]] = {k: [] for k in ITEM_TEXT_FIELDS}
         flags: list[list[str]] = []
         extras: list[dict[str, str]] = []
         for row in part.itertuples(index=False):
             item_flags: list[str] = []
-            for k in TEXT_FIELDS:
+            for k in ITEM_TEXT_FIELDS:
                 value, f = clean_field(getattr(row, k), max_chars) if max_chars else ("", [])
                 fields[k].append(value)
                 item_flags += f
-            attrs = item_extra(getattr(row, "extra", "")) if extra_names and max_chars else {}
+            attrs = item_extra(row.extra) if extra_names and max_chars else {}
             shown = {}
             for name in extra_names if max_chars else ():
                 value, f = clean_field(extra_value_text(attrs.get(name)), max_chars)
@@ -208,15 +140,23 @@ def _node_id() -> str:
 
 
 class TextStage:
-    """Ray Data callable class: loads the text model once; each call embeds whole shards."""
+    """Ray Data callable class: loads the text model once; each call embeds whole shards.
 
-    def __init__(self, resolved: ResolvedTextModel, batch_size: int, threads: int, max_padding: float):
+    ``in_actor``: a Ray actor runs no CLI ``main``, so the stage sends its own log lines to stdout.
+    """
+
+    def __init__(self, resolved: ResolvedTextModel, batch_size: int, threads: int, max_padding: float, in_actor: bool):
+        if in_actor:
+            log_to_console()
         _set_threads(threads)
         t0 = time.perf_counter()
         self.encoder = TextEncoder(resolved, batch_size, max_padding)
-        print(
-            f"[text] loaded {resolved.name} ({resolved.device}, {resolved.dtype}) in {time.perf_counter() - t0:.1f}s",
-            flush=True,
+        log.info(
+            "[text] loaded %s (%s, %s) in %.1fs",
+            resolved.name,
+            resolved.device,
+            resolved.dtype,
+            time.perf_counter() - t0,
         )
 
     def __call__(self, table: pa.Table) -> pa.Table:
@@ -224,34 +164,41 @@ class TextStage:
         for row in table.to_pylist():
             t0 = time.perf_counter()
             extras = json.loads(row["extra_fields"])
-            items = [{**{k: row[k][i] for k in TEXT_FIELDS}, **extras[i]} for i in range(len(row["item_idx"]))]
+            items = [{**{k: row[k][i] for k in ITEM_TEXT_FIELDS}, **extras[i]} for i in range(len(row["item_idx"]))]
             vectors, flags = self.encoder.encode_items(items)
             out["text_vectors"].append(vectors.astype(np.float32).tobytes())
             out["text_dim"].append(vectors.shape[1])
             out["text_flags"].append(json.dumps(flags))
             out["text_node"].append(_node_id())
             bad = sum(1 for f in flags if f)
-            print(
-                f"[text] shard {row['shard']}: {len(items)} items, {bad} flagged, {time.perf_counter() - t0:.2f}s",
-                flush=True,
+            log.info(
+                "[text] shard %s: %d items, %d flagged, %.2fs", row["shard"], len(items), bad, time.perf_counter() - t0
             )
-        table = table.drop_columns([*TEXT_FIELDS, "extra_fields"])
+        table = table.drop_columns([*ITEM_TEXT_FIELDS, "extra_fields"])
         for name, values in out.items():
             table = table.append_column(name, pa.array(values, pa.binary() if name == "text_vectors" else None))
         return table
 
 
 class ImageStage:
-    """Ray Data callable class: loads the image model once; each call embeds whole shards."""
+    """Ray Data callable class: loads the image model once; each call embeds whole shards (``in_actor``: as text)."""
 
     def __init__(
-        self, resolved: ResolvedImageModel, batch_size: int, threads: int, fetch_urls: bool, url_timeout: float
+        self,
+        resolved: ResolvedImageModel,
+        batch_size: int,
+        threads: int,
+        fetch_urls: bool,
+        url_timeout: float,
+        in_actor: bool,
     ):
+        if in_actor:
+            log_to_console()
         _set_threads(threads)
         t0 = time.perf_counter()
         self.encoder = ImageEncoder(resolved, batch_size)
         self.fetch_urls, self.url_timeout = fetch_urls, url_timeout
-        print(f"[image] loaded {resolved.name} ({resolved.device}) in {time.perf_counter() - t0:.1f}s", flush=True)
+        log.info("[image] loaded %s (%s) in %.1fs", resolved.name, resolved.device, time.perf_counter() - t0)
 
     def __call__(self, table: pa.Table) -> pa.Table:
         out: dict[str, list] = {"image_vectors": [], "image_dim": [], "image_flags": [], "image_node": []}
@@ -267,7 +214,7 @@ class ImageStage:
                 if img is None:
                     flags[i].append(kind)
                     if sum(1 for f in flags if f) <= MAX_LOGGED_FAILURES and kind != "image_none":
-                        print(f"[image] item {row['item_idx'][i]}: {message}; marked image_missing", flush=True)
+                        log.info("[image] item %s: %s; marked image_missing", row["item_idx"][i], message)
                 else:
                     images.append(img)
                     rows.append(i)
@@ -278,18 +225,19 @@ class ImageStage:
                 for i, err in zip(rows, errors, strict=True):
                     if err is not None:
                         flags[i].append("image_error")
-                        print(
-                            f"[image] item {row['item_idx'][i]}: model failed ({err}); marked image_missing", flush=True
-                        )
+                        log.info("[image] item %s: model failed (%s); marked image_missing", row["item_idx"][i], err)
             out["image_vectors"].append(vectors.tobytes())
             out["image_dim"].append(self.encoder.dim)
             out["image_flags"].append(json.dumps(flags))
             out["image_node"].append(_node_id())
-            print(
-                f"[image] shard {row['shard']}: {n} items, {n - len(images)} missing, {time.perf_counter() - t0:.2f}s",
-                flush=True,
+            log.info(
+                "[image] shard %s: %d items, %d missing, %.2fs",
+                row["shard"],
+                n,
+                n - len(images),
+                time.perf_counter() - t0,
             )
-        table = table.drop_columns(list(IMAGE_COLUMNS))
+        table = table.drop_columns(list(ITEM_IMAGE_COLUMNS))
         for name, values in out.items():
             table = table.append_column(name, pa.array(values, pa.binary() if name == "image_vectors" else None))
         return table
@@ -343,9 +291,15 @@ class _Collector:
             self.shards += 1
             rate = self.items / max(time.perf_counter() - self.t0, 1e-9)
             missing = ", ".join(f"{m} missing {entry['missing'][m]}" for m in self.modalities)
-            log(
-                f"wrote {entry['name']} ({n} items, {missing}); {self.shards} shards / {self.items} of "
-                f"{self.total_items} items this run, {rate:.1f} items/s"
+            log.info(
+                "[extract] wrote %s (%d items, %s); %d shards / %d of %d items this run, %.1f items/s",
+                entry["name"],
+                n,
+                missing,
+                self.shards,
+                self.items,
+                self.total_items,
+                rate,
             )
             if self.on_shard is not None:
                 self.on_shard(entry)
@@ -354,12 +308,6 @@ class _Collector:
 def dataset_spec(dataset: Any) -> dict[str, Any]:
     """What the features depend on: the item catalogue (by hash) and its size, not the interactions or split."""
     return {"name": dataset.name, "items_hash": items_hash(dataset), "n_items": dataset.n_items}
-
-
-def _load_dataset(folder: str):
-    from dprec.data.dataset import load_dataset
-
-    return load_dataset(folder)
 
 
 def _spec(dataset: Any, cfg: ExtractConfig, text: ResolvedTextModel | None, image: ResolvedImageModel | None):
@@ -407,10 +355,10 @@ def _init_ray(cfg: ExtractConfig) -> bool:
         return False
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
-        log(f"connecting to Ray at {address}")
+        log.info("[extract] connecting to Ray at %s", address)
         ray.init(address=address)
         return False
-    log("no RAY_ADDRESS: starting a local Ray instance on 127.0.0.1")
+    log.info("[extract] no RAY_ADDRESS: starting a local Ray instance on 127.0.0.1")
     # On Linux Ray swaps 127.0.0.1 for the machine's outward address and then binds its servers to
     # all interfaces; this switch (read at import, and inherited by Ray's processes) keeps them on loopback.
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
@@ -448,9 +396,14 @@ def _run_ray(
             f"cluster has {cpus:g}; lower --cpus-per-actor or the actor counts"
         )
     gpus = _gpus_per_actor(cfg, resources.get("GPU", 0.0), n_actors)
-    log(
-        f"Ray cluster: {cpus:g} CPUs, {resources.get('GPU', 0.0):g} GPUs; {n_actors} actors with "
-        f"{cfg.cpus_per_actor:g} CPUs, {gpus:g} GPUs, {cfg.threads} torch threads each"
+    log.info(
+        "[extract] Ray cluster: %g CPUs, %g GPUs; %d actors with %g CPUs, %g GPUs, %d torch threads each",
+        cpus,
+        resources.get("GPU", 0.0),
+        n_actors,
+        cfg.cpus_per_actor,
+        gpus,
+        cfg.threads,
     )
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
@@ -473,7 +426,11 @@ def _run_ray(
                 TextStage,
                 compute=ray.data.ActorPoolStrategy(size=cfg.text_actors),
                 fn_constructor_kwargs=dict(
-                    resolved=text, batch_size=cfg.text.batch_size, threads=cfg.threads, max_padding=cfg.text.max_padding
+                    resolved=text,
+                    batch_size=cfg.text.batch_size,
+                    threads=cfg.threads,
+                    max_padding=cfg.text.max_padding,
+                    in_actor=True,
                 ),
                 **common,
             )
@@ -487,6 +444,7 @@ def _run_ray(
                     threads=cfg.threads,
                     fetch_urls=cfg.image.fetch_urls,
                     url_timeout=cfg.image.url_timeout,
+                    in_actor=True,
                 ),
                 **common,
             )
@@ -503,17 +461,18 @@ def _run_local(
 ) -> None:
     stages: list[Callable[[pa.Table], pa.Table]] = []
     if text is not None:
-        stages.append(TextStage(text, cfg.text.batch_size, cfg.threads, cfg.text.max_padding))
+        stages.append(TextStage(text, cfg.text.batch_size, cfg.threads, cfg.text.max_padding, in_actor=False))
     if image is not None:
-        stages.append(ImageStage(image, cfg.image.batch_size, cfg.threads, cfg.image.fetch_urls, cfg.image.url_timeout))
+        image_cfg = cfg.image
+        stages.append(
+            ImageStage(
+                image, image_cfg.batch_size, cfg.threads, image_cfg.fetch_urls, image_cfg.url_timeout, in_actor=False
+            )
+        )
     for unit in units:
         for stage in stages:
             unit = stage(unit)
         collector.add_table(unit)
-
-
-def config_dict(cfg: ExtractConfig) -> dict[str, Any]:
-    return asdict(cfg)
 
 
 def run_extract(
@@ -525,7 +484,7 @@ def run_extract(
     in-memory :class:`~dprec.data.dataset.Dataset`) replaces loading ``cfg.dataset``.
     """
     t0 = time.perf_counter()
-    dataset = dataset if dataset is not None else _load_dataset(cfg.dataset)
+    dataset = dataset if dataset is not None else load_dataset(cfg.dataset)
     started_ray = False
     try:
         if cfg.executor == "ray":
@@ -535,25 +494,29 @@ def run_extract(
             device = "cuda" if _gpus_per_actor(cfg, ray.cluster_resources().get("GPU", 0.0), 1) > 0 else "cpu"
         else:
             device = None
-        names = extra_fields(cfg.text.prompt_template) if cfg.text and cfg.text.prompt_template else []
+        names = cfg.text.extra_fields() if cfg.text else []
         if names:
             counts = check_extra_fields(dataset, names)
-            log(
-                "prompt template attributes from items.extra: "
-                + ", ".join(f"{n} ({c} of {dataset.n_items} items)" for n, c in counts.items())
+            log.info(
+                "[extract] prompt template attributes from items.extra: %s",
+                ", ".join(f"{n} ({c} of {dataset.n_items} items)" for n, c in counts.items()),
             )
         text = resolve_text_model(cfg.text, device) if cfg.text else None
         image = resolve_image_model(cfg.image, device) if cfg.image else None
         spec, provenance = _spec(dataset, cfg, text, image)
         writer = FeatureSetWriter(cfg.out, spec, provenance, overwrite=cfg.overwrite)
-        atomic_write(
-            Path(cfg.out) / "extract_config.json",
-            (json.dumps(config_dict(cfg), indent=2, sort_keys=True) + "\n").encode(),
+        atomic_write_text(
+            Path(cfg.out) / "extract_config.json", json.dumps(asdict(cfg), indent=2, sort_keys=True) + "\n"
         )
         pending = writer.pending()
-        log(
-            f"dataset {dataset.name!r}: {dataset.n_items} items in {len(writer.ranges)} shards of "
-            f"{cfg.items_per_shard}; {len(writer.skipped)} already complete, {len(pending)} to compute"
+        log.info(
+            "[extract] dataset %r: %d items in %d shards of %d; %d already complete, %d to compute",
+            dataset.name,
+            dataset.n_items,
+            len(writer.ranges),
+            cfg.items_per_shard,
+            len(writer.skipped),
+            len(pending),
         )
         modalities = [m for m, r in (("text", text), ("image", image)) if r is not None]
         collector = _Collector(
@@ -584,27 +547,16 @@ def run_extract(
     )
 
 
-def import_mmrec(
-    dataset_folder: str,
-    out: str,
-    text_feat: str | None = None,
-    image_feat: str | None = None,
-    items_per_shard: int = 256,
-    store_dtype: str = "float32",
-    overwrite: bool = False,
-) -> RunSummary:
+def import_mmrec(cfg: MMRecImportConfig) -> RunSummary:
     """MMRec's item-ordered ``text_feat.npy`` / ``image_feat.npy`` -> shards of the same format.
 
     Row i is item index i. A row with NaN or inf becomes a zero vector flagged ``<m>_nonfinite``.
     """
     t0 = time.perf_counter()
-    if text_feat is None and image_feat is None:
-        raise ExtractError("import-mmrec: give --text-feat and/or --image-feat")
-    dataset = _load_dataset(dataset_folder)
+    dataset = load_dataset(cfg.dataset)
+    files = {m: path for m, path in (("text", cfg.text_feat), ("image", cfg.image_feat)) if path is not None}
     arrays, modalities = {}, {}
-    for m, path in (("text", text_feat), ("image", image_feat)):
-        if path is None:
-            continue
+    for m, path in files.items():
         try:
             arr = np.load(path, allow_pickle=False)
         except (OSError, ValueError) as exc:
@@ -623,16 +575,16 @@ def import_mmrec(
         }
     spec = {
         "dataset": dataset_spec(dataset),
-        "items_per_shard": items_per_shard,
-        "store_dtype": store_dtype,
+        "items_per_shard": cfg.items_per_shard,
+        "store_dtype": cfg.store_dtype,
         "modalities": modalities,
     }
     provenance = {
         "executor": "import-mmrec",
         "dataset_content_hash": dataset.meta["content_hash"],
-        **{m: {"load_path": str(Path(p).resolve())} for m, p in (("text", text_feat), ("image", image_feat)) if p},
+        **{m: {"load_path": str(Path(p).resolve())} for m, p in files.items()},
     }
-    writer = FeatureSetWriter(out, spec, provenance, overwrite=overwrite)
+    writer = FeatureSetWriter(cfg.out, spec, provenance, overwrite=cfg.overwrite)
     items = written = 0
     for shard in writer.pending():
         first, stop = writer.ranges[shard]
@@ -649,7 +601,7 @@ def import_mmrec(
         entry = writer.add(shard, ids, vectors, flags)
         items += stop - first
         written += 1
-        log(f"wrote {entry['name']} ({stop - first} items)")
+        log.info("[extract] wrote %s (%d items)", entry["name"], stop - first)
     manifest = writer.finish()
     seconds = time.perf_counter() - t0
     return RunSummary(
@@ -662,8 +614,5 @@ def import_mmrec(
         seconds=round(seconds, 3),
         items_per_second=round(items / seconds, 3) if seconds else 0.0,
         nodes=1,
-        out=str(out),
+        out=str(cfg.out),
     )
-
-
-__all__ = ["ExtractConfig", "ExtractError", "RunSummary", "ShardError", "import_mmrec", "run_extract"]

@@ -1,48 +1,35 @@
 """Feature shards (DESIGN §2): the contract between ``extract`` and ``train``, written and checked here.
 
-A feature-set folder::
-
-    <out>/items-000000.tar ... items-NNNNNN.tar   WebDataset tars
-    <out>/manifest.json                           written atomically after every shard; "complete": true last
-
-Shard ``s`` holds exactly the items ``s * items_per_shard ... (s + 1) * items_per_shard - 1``
-(membership is a pure function of the item index). One sample per item, in item order; the
-sample key is the item index as ``%09d`` (no dots); its members, sorted by name:
-
-- ``<key>.image.npy`` / ``<key>.text.npy``: one vector (``np.save``, float16 or float32; loaded
-  with ``allow_pickle=False``); a zero vector where the modality is missing;
-- ``<key>.meta.json``: ``{"item_id", "item_idx", "text_missing", "image_missing", "flags"}``.
-
-Tars are byte-deterministic: members in order, mtime 0, uid/gid 0, empty user/group names,
-mode 0644, ustar format. A shard is written to a hidden temporary name and renamed when
-complete; a shard counts as done exactly when the manifest lists it with its sha256.
-
-The manifest holds the run's ``spec`` (dataset hash, models and revisions, pooling, prompt
-template, dtypes, batch sizes: everything that decides the numbers), ``dims``, and per shard
-its item range, count, sha256 and missing counts. A rerun with the same spec skips the shards
-listed (whose sha256 still matches); a different spec is refused.
+A feature folder holds ``items-%06d.tar`` WebDataset shards and ``manifest.json``. Shard ``s``
+holds exactly items ``s * items_per_shard`` up to the next shard's first, one sample per item in
+item order, keyed by the item index as ``%09d``; members ``text.npy`` / ``image.npy`` (one vector,
+float16 or float32, zero where the modality is missing; read with ``allow_pickle=False``) and
+``meta.json`` (``item_id``, ``item_idx``, ``text_missing``, ``image_missing``, ``flags``).
+Tars are written by webdataset's ``TarWriter`` and are byte-deterministic (members sorted, mtime
+0, uid/gid 0, no owner names, mode 0644, ustar headers); each is written atomically. The manifest
+(rewritten atomically after every shard, ``complete`` last) holds the ``spec`` (items hash,
+models and revisions, pooling, prompt template, dtypes: all that decides the numbers), ``dims``,
+and per shard its range, count, sha256 and missing counts. A shard is done exactly when the
+manifest lists it with a matching sha256; a rerun with the same spec skips those, another spec
+is refused.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
-import os
-import re
 import tarfile
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from dprec.config import DPRecError
+from dprec.io import atomic_write, remove_temporaries, sha256_bytes, sha256_file
+
 MANIFEST = "manifest.json"
 FORMAT = "dprec-item-features"
 FORMAT_VERSION = 1
-MODALITIES = ("text", "image")
-SHARD_RE = re.compile(r"^items-(\d{6})\.tar$")
-TMP_PREFIX = ".tmp-"
 MISSING_FLAGS = {
     "text": ("text_empty", "text_error", "text_nonfinite"),
     "image": (
@@ -57,7 +44,7 @@ MISSING_FLAGS = {
 }
 
 
-class ShardError(ValueError):
+class ShardError(DPRecError, ValueError):
     """A feature folder breaks the shard contract; the message names the shard (or manifest) and the fault."""
 
 
@@ -67,10 +54,6 @@ def shard_name(shard: int) -> str:
 
 def item_key(item_idx: int) -> str:
     return f"{item_idx:09d}"
-
-
-def shard_of(item_idx: int, items_per_shard: int) -> int:
-    return item_idx // items_per_shard
 
 
 def shard_ranges(n_items: int, items_per_shard: int) -> list[tuple[int, int]]:
@@ -84,53 +67,28 @@ def _npy_bytes(vector: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), 0, 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    tar.addfile(info, io.BytesIO(data))
-
-
 def shard_bytes(item_idx: np.ndarray, vectors: dict[str, np.ndarray], metas: list[dict[str, Any]], dtype: str) -> bytes:
-    """The tar of one shard, byte-deterministic: same inputs, same bytes."""
+    """The tar of one shard, byte-deterministic: same inputs, same bytes.
+
+    ``TarWriter`` writes members in sorted order; the header fields that would vary (mtime,
+    owner names, mode) are fixed, and the uid/gid it leaves at tarfile's default are 0. Its
+    ``format`` argument does not reach ``tarfile.open``, so the archive is tarfile's default
+    (pax), whose headers are plain ustar ones for ASCII names and sizes like these.
+    """
+    from webdataset import TarWriter  # imports torch: only writers pay for it, readers need numpy alone
+
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+    with TarWriter(buf, user="", group="", mode=0o644, mtime=0, encoder=False) as sink:
         for row, idx in enumerate(item_idx):
-            key = item_key(int(idx))
-            members = {f"{m}.npy": _npy_bytes(vectors[m][row].astype(dtype)) for m in vectors}
-            members["meta.json"] = json.dumps(metas[row], sort_keys=True, ensure_ascii=False).encode()
-            for name in sorted(members):
-                _add_member(tar, f"{key}.{name}", members[name])
+            sample = {f"{m}.npy": _npy_bytes(vectors[m][row].astype(dtype)) for m in vectors}
+            sample["meta.json"] = json.dumps(metas[row], sort_keys=True, ensure_ascii=False).encode()
+            sink.write({"__key__": item_key(int(idx)), **sample})
     return buf.getvalue()
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write to a hidden temporary file beside ``path``, fsync, rename: readers see all or nothing."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{TMP_PREFIX}{path.name}.")
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def write_shard(folder: Path, shard: int, data: bytes) -> dict[str, Any]:
     atomic_write(folder / shard_name(shard), data)
-    return {"name": shard_name(shard), "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-
-
-def remove_stale_temporaries(folder: Path) -> int:
-    """Delete temporary files an interrupted run left; returns how many."""
-    stale = [p for p in folder.glob(f"{TMP_PREFIX}*") if p.is_file()]
-    for p in stale:
-        p.unlink()
-    return len(stale)
+    return {"name": shard_name(shard), "sha256": sha256_bytes(data), "bytes": len(data)}
 
 
 def load_manifest(folder: str | Path) -> dict[str, Any] | None:
@@ -151,14 +109,6 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
     atomic_write(
         folder / MANIFEST, (json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
     )
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 class FeatureSetWriter:
@@ -186,7 +136,7 @@ class FeatureSetWriter:
                 path.unlink()
             (self.folder / MANIFEST).unlink()
             old = None
-        remove_stale_temporaries(self.folder)
+        remove_temporaries(self.folder)
         self.dims: dict[str, int] = dict(old["dims"]) if old else {}
         self.entries: dict[int, dict[str, Any]] = {}
         for entry in old["shards"] if old else []:
@@ -259,13 +209,13 @@ class FeatureSetWriter:
         return self.manifest
 
 
-def _dataset_hashes(dataset: Any) -> tuple[dict[str, str], int]:
-    """({"items_hash", "content_hash"}, item count) of a Dataset or a dataset folder."""
-    from dprec.data.dataset import items_hash, load_dataset
+def _items_hash(dataset: Any) -> tuple[str, int]:
+    """(items hash, item count) of a Dataset or a dataset folder."""
+    from dprec.data.dataset import items_hash, load_dataset  # pandas: only when a dataset is checked
 
     if isinstance(dataset, (str, Path)):
         dataset = load_dataset(dataset)
-    return {"items_hash": items_hash(dataset), "content_hash": dataset.meta["content_hash"]}, dataset.n_items
+    return items_hash(dataset), dataset.n_items
 
 
 def read_shard(path: Path, entry: dict[str, Any], dims: dict[str, int]) -> tuple[dict[str, np.ndarray], list[dict]]:
@@ -323,18 +273,15 @@ def read_features(folder: str | Path, dataset: Any = None, verify: bool = True) 
         raise ShardError(f"{folder / MANIFEST}: extraction is incomplete (interrupted?); rerun extract to finish it")
     spec = manifest["spec"]
     n_items = spec["dataset"]["n_items"]
-    if dataset is not None:
-        got, got_items = _dataset_hashes(dataset)
+    if dataset is not None:  # features depend on the items alone: any split of the same catalogue reads them
+        got, got_items = _items_hash(dataset)
         if got_items != n_items:
             raise ShardError(f"{folder / MANIFEST}: {n_items} items in the features, {got_items} in the dataset")
-        # Features depend on the items alone: any split of the same catalogue reads them. Manifests
-        # written before items_hash existed carry the whole dataset's content hash instead.
-        kind = "items_hash" if "items_hash" in spec["dataset"] else "content_hash"
-        if got[kind] != spec["dataset"][kind]:
-            what = "items hash" if kind == "items_hash" else "content hash"
+        if got != spec["dataset"]["items_hash"]:
             raise ShardError(
-                f"{folder / MANIFEST}: features were extracted from dataset {what} {spec['dataset'][kind][:12]}..., "
-                f"this dataset's is {got[kind][:12]}...; re-extract features for this dataset"
+                f"{folder / MANIFEST}: features were extracted from dataset items hash "
+                f"{spec['dataset']['items_hash'][:12]}..., this dataset's is {got[:12]}...; "
+                "re-extract features for this dataset"
             )
     dims = {m: int(d) for m, d in manifest["dims"].items()}
     entries = sorted(manifest["shards"], key=lambda e: e["shard"])

@@ -1,25 +1,17 @@
 """Graph operations of DPRec behind one small interface, with two interchangeable backends.
 
-- ``build_user_item_graph``: the LightGCN / MMRec adjacency. On N = n_users + n_items nodes (users
-  first, item i is node n_users + i), A is the binary symmetric adjacency of the training pairs
-  (a pair seen twice is one edge) and the graph holds  Â = D^-1/2 A D^-1/2,  D = diag(A 1),
-  i.e. w_ui = 1 / sqrt(d_u d_i) on both directions of every edge. A node of degree 0 has no
-  edges, so its output row is 0 (never NaN or inf).
-- ``build_weighted_graph``: any weighted graph (the item-item kNN graph, a user <- item
-  aggregation): propagate(x)[j] = sum_{edges i->j} w_ij x[i]; repeated edges are merged into one
-  carrying the sum of their weights. The caller normalises, in ``weight`` or, for D^-1/2 S D^-1/2
-  of a binary S, as node scales (w_ij = dst_scale[j] * weight_ij * src_scale[i]), which DGL runs
-  about 4x faster.
+- ``build_user_item_graph``: on N = n_users + n_items nodes (users first, item i is node n_users + i), A is the
+  binary symmetric adjacency of the training pairs (a pair seen twice is one edge) and the graph holds
+  Â = D^-1/2 A D^-1/2, D = diag(A 1): w_ui = 1 / sqrt(d_u d_i) both ways; a node of degree 0 gets a 0 row.
+- ``build_weighted_graph``: any weighted graph, propagate(x)[j] = sum_{edges i->j} w_ij x[i], repeated edges merged
+  into one carrying the sum of their weights; w_ij = dst_scale[j] * weight_ij * src_scale[i] (caller normalises).
 - ``lightgcn_propagate``: LightGCN's layer combination  mean(x, Â x, Â^2 x, ..., Â^L x).
-- ``hypergraph_conv``: for an incidence H (n_nodes x K, soft or hard node-to-hyperedge
-  assignments), hyperedge = H^T x and node_out = H hyperedge, without degree normalisation
-  (as LGMRec); differentiable with respect to both H and x. H is a dense matrix (small K) or a
-  ``SparseIncidence`` (its non-zeros, for large K).
+- ``hypergraph_conv``: for an incidence H (n_nodes x K: dense, or a ``SparseIncidence`` of its non-zeros),
+  hyperedge = H^T x and node_out = H hyperedge, no degree normalisation (as LGMRec); differentiable in H and x.
 
-Backends: "dgl" (default; DGL message passing) and "torch" (torch.sparse, needs only torch). They
-give the same numbers (tested to 1e-5); "torch" is there because DGL's wheels stop at torch 2.4.
-Graphs are built once, with weights precomputed, and moved with ``graph.to(device)``.
-Their weights are float32, and so must the features be.
+Backends "dgl" (default) and "torch" (torch.sparse, only torch needed) give the same numbers (tested to 1e-5).
+Graphs are built once, weights precomputed, and moved with ``graph.to(device)``; weights are float32, and so must
+the features be. Why two backends, and why node scales: docs/design-notes.md#graphapi.
 """
 
 from __future__ import annotations

@@ -1,20 +1,17 @@
 """DGL implementation of the graph interface (backend "dgl", the default).
 
-Propagation: a one-relation bipartite DGL graph ('src' -> 'dst'); one ``update_all`` with the
-``sum`` reducer, which DGL runs as one generalised SpMM (CSC forward, CSR backward; both formats
-are created at build time). The message is chosen for speed: DGL's CPU SpMM takes its libxsmm
-kernel only when no operand is broadcast, so per-edge weights of shape (E, 1) against (N, d)
-features (``u_mul_e``) run about 4x slower than ``copy_u``. Weights given in factored form,
-w_ij = dst_scale[j] * weight_ij * src_scale[i], are therefore applied as node scalings around a
-``copy_u`` pass, and ``u_mul_e`` is used only for a general ``weight``:
+Propagation: a one-relation bipartite DGL graph ('src' -> 'dst'); one ``update_all`` with the ``sum`` reducer
+(one generalised SpMM: CSC forward, CSR backward, both formats created at build time). Weights given in factored
+form, w_ij = dst_scale[j] * weight_ij * src_scale[i], are applied as node scalings around a ``copy_u`` pass;
+``u_mul_e`` is used only for a general ``weight``:
 
     out = dst_scale * update_all(copy_u or u_mul_e('h', 'w'), sum)(src_scale * x)
 
-Hypergraph convolution: a heterograph with node types 'node' (n_nodes) and 'hyperedge' (K) and
-relations 'joins' (node -> hyperedge) and 'holds' (hyperedge -> node) over the non-zeros of H, with
-edge weight = H entry, the same edge order in both relations. Two update_all passes (u_mul_e, sum)
-give hyperedge = H^T x and node_out = H hyperedge; gradients reach x and the H entries (edge data).
-For a dense H the structure (all n_nodes * K pairs) depends only on the shape and is cached.
+Hypergraph convolution: a heterograph with node types 'node' (n_nodes) and 'hyperedge' (K) and relations 'joins'
+(node -> hyperedge) and 'holds' (hyperedge -> node) over the non-zeros of H, edge weight = H entry, the same edge
+order in both. Two update_all passes (u_mul_e, sum) give hyperedge = H^T x and node_out = H hyperedge; gradients
+reach x and the H entries (edge data). For a dense H the structure (all n_nodes * K pairs) is cached by shape.
+Why copy_u and node scalings: docs/design-notes.md#graphdgl_backend.
 """
 
 from __future__ import annotations

@@ -1,27 +1,16 @@
 """Item-item kNN graphs from the cosine similarity of item features, built block by block.
 
-For features F (n x d), S keeps, for every item i, its k most cosine-similar other items j with
-S[i, j] = cos(F_i, F_j) (``weighted=True``, as MGCN) or S[i, j] = 1 (``weighted=False``, as FREEDOM).
-The graph holds the symmetric normalisation of MGCN and FREEDOM,
+For features F (n x d), S keeps, for every item i, its k most cosine-similar other items j (the item itself
+excluded, similarities <= 0 dropped) with S[i, j] = cos(F_i, F_j) (``weighted=True``, as MGCN) or S[i, j] = 1
+(``weighted=False``, as FREEDOM). The graph holds the symmetric normalisation of MGCN and FREEDOM,
 
     Ŝ = D^-1/2 S D^-1/2,   D = diag(S 1)   (row sums; S itself is not symmetrised),
 
 and propagates as  out[i] = sum_j Ŝ[i, j] x[j]:  every item gathers from its neighbours.
-
-The n x n similarity matrix is never held: rows are processed ``block_size`` at a time (one
-block x n product, then top-k), so memory is the features, their unit-norm copy and one block
-(block_size * n * 4 bytes: 258 MB for 1,024 rows of 63,000 items). See ``benchmarks/knn_graph.py``.
-
-Two differences from the originals, both deliberate:
-- MGCN and FREEDOM take the top k of a row that contains the item itself (cos = 1), so one of
-  their k "neighbours" is a self-loop; here the item is excluded and all k are other items.
-- Neighbours with a similarity <= 0 are dropped, so an all-zero feature row (a missing image)
-  gets no neighbours (a zero output row) instead of k arbitrary ones.
-
-Neighbour lists are kept in a small in-process cache keyed by the sha256 of the feature matrix
-(and k, device): an experiment grid trains many models on the same features, and each would
-otherwise rebuild the same graph (minutes for 63,000 items on a CPU). ``clear_knn_cache()``
-empties it.
+The n x n similarity matrix is never held: rows go ``block_size`` at a time (one block x n product, then top-k),
+so memory is the features, their unit-norm copy and one block (block_size * n * 4 bytes).
+Neighbour lists are cached in-process by the sha256 of the feature matrix (and k, device); ``clear_knn_cache()``
+empties the cache. Differences from MGCN / FREEDOM, sizes and why the cache: docs/design-notes.md#graphknn.
 """
 
 from __future__ import annotations

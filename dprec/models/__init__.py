@@ -1,4 +1,8 @@
-"""Recommenders, one module each; ``MODELS`` maps a config name to (model class, config class)."""
+"""Recommenders, one module each; ``MODELS`` maps a config name to (model class, config class).
+
+The contract every model follows is in ``dprec.models.base``; the building blocks the multimodal models share
+(modality selection, graphs from the training pairs, attention gate, InfoNCE) are in ``dprec.models.layers``.
+"""
 
 from dprec.models.base import ModelContext, Recommender
 from dprec.models.dprec import DPRec, DPRecConfig

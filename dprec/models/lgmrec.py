@@ -11,18 +11,8 @@
 - loss: BPR + cl_weight * InfoNCE(G_a vs G_b of the batch's users, against all users; same for the positive items,
   against all items; summed over the batch) + reg_weight * sum of the L2 norms of the batch's final embeddings / batch.
 
-Defaults are LGMRec's settings for Amazon Baby (MMRec's LGMRec.yaml): d 64, 2 ID layers, 2 modality layers,
-1 hypergraph layer, 4 hyperedges, keep rate 0.5, alpha 0.3, tau 0.2, cl_weight 1e-4, reg_weight 1e-6.
-Sports: n_hyper_layers 1, n_hyperedges 4, keep_rate 0.4, alpha 0.6; Clothing: 2, 64, 0.2, 0.2.
-
-Differences from the original:
-- evaluation uses the noise-free soft assignment softmax(logits / tau) and no dropout; the original draws Gumbel
-  noise at evaluation too, so its scores change from call to call;
-- the user-hyperedge weights of every modality come from that modality's own product (the post-July-2024 fix; before
-  it, the text user weights overwrote the visual ones);
-- any number of modalities, not exactly image and text: the InfoNCE runs over every pair (a, b), a before b; with one
-  modality it is off (logged once) and the model keeps its local and global parts (the original falls back to
-  LightGCN unless both modalities are present); no features is an error.
+Defaults are LGMRec's settings for Amazon Baby (MMRec's LGMRec.yaml); its other datasets' settings, and where and
+why this differs from the original: docs/design-notes.md#modelslgmrec.
 """
 
 from __future__ import annotations
@@ -35,18 +25,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dprec.graph import build_user_item_graph, build_weighted_graph, hypergraph_conv, lightgcn_propagate
+from dprec.config import check_types
+from dprec.graph import build_user_item_graph, build_weighted_graph, lightgcn_propagate
 from dprec.models.base import ModelContext, Recommender, bpr_loss
-from dprec.models.dprec import (
-    check_view_names,
+from dprec.models.layers import (
+    check_modality_names,
+    feature_buffer,
     gumbel_or_soft,
+    hypergraph_rounds,
     info_nce,
+    memory_rounds,
+    norm_penalty,
+    register_feature_buffers,
     select_features,
     unique_pairs,
     user_mean_graph,
+    xavier,
 )
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -73,10 +70,11 @@ class LGMRecConfig:
     """Weight of the cross-modal InfoNCE (a sum over the batch, hence small)."""
     reg_weight: float = 1e-6
     """Weight of the L2-norm penalty on the batch's final embeddings."""
-    views: list[str] | None = None
-    """Feature views to use, by name; None = every view given (at least one is needed)."""
+    modalities: list[str] | None = None
+    """Modalities (feature views) to use, by name; None = every one given (at least one is needed)."""
 
     def __post_init__(self) -> None:
+        check_types(self)
         for name in ("embedding_dim", "n_hyper_layers", "n_hyperedges", "tau"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -85,31 +83,23 @@ class LGMRecConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 < self.keep_rate <= 1:
             raise ValueError(f"keep_rate must lie in (0, 1], got {self.keep_rate}")
-        check_view_names(self.views)
-
-
-def xavier(rows: int, cols: int) -> nn.Parameter:
-    return nn.Parameter(nn.init.xavier_uniform_(torch.empty(rows, cols)))
-
-
-def norm_penalty(*tensors: Tensor) -> Tensor:
-    """LGMRec's reg_loss: sum of the (not squared) L2 norms of the matrices, divided by the batch size."""
-    return sum(torch.linalg.norm(t) for t in tensors) / tensors[-1].shape[0]
+        check_modality_names(self.modalities)
 
 
 class LGMRec(Recommender):
     def __init__(self, cfg: LGMRecConfig, ctx: ModelContext) -> None:
         super().__init__(ctx)
         self.cfg = cfg
-        features = select_features(ctx.features, cfg.views, ctx.n_items)
+        features = select_features(ctx.features, cfg.modalities, ctx.n_items)
         if not features:
-            raise ValueError(f"LGMRec needs at least one feature view (views={cfg.views}); use lightgcn for IDs only")
+            raise ValueError(
+                f"LGMRec needs at least one feature view (modalities={cfg.modalities}); use lightgcn for IDs only"
+            )
         if len(features) == 1:
-            log.warning("LGMRec: one modality (%s): the cross-modal InfoNCE is off", next(iter(features)))
-        self.view_names = list(features)
+            logger.warning("LGMRec: one modality (%s): the cross-modal InfoNCE is off", next(iter(features)))
+        self.modality_names = list(features)
         self.backend = ctx.graph_backend
-        for name, matrix in features.items():
-            self.register_buffer(f"features_{name}", matrix, persistent=False)
+        register_feature_buffers(self, features)
         self.user_emb = xavier(ctx.n_users, cfg.embedding_dim)
         self.item_emb = xavier(ctx.n_items, cfg.embedding_dim)
         self.projection = nn.ParameterDict({m: xavier(f.shape[1], cfg.embedding_dim) for m, f in features.items()})
@@ -122,33 +112,26 @@ class LGMRec(Recommender):
         users, items = unique_pairs(ctx)
         self.interactions = build_weighted_graph(ctx.n_items, ctx.n_users, items, users, None, ctx.graph_backend)
 
-    def _features(self, name: str) -> Tensor:
-        return getattr(self, f"features_{name}")
-
     def _modality(self, name: str) -> Tensor:
         """M_m: users start as the mean of their items' projections; n_mm_layers rounds over Â, last kept."""
-        items = self._features(name) @ self.projection[name]
-        nodes = torch.cat([self.user_mean.propagate(items), items])
-        for _ in range(self.cfg.n_mm_layers):
-            nodes = self.ui_graph.propagate(nodes)
-        return nodes
+        items = feature_buffer(self, name) @ self.projection[name]
+        return memory_rounds(self.ui_graph, self.user_mean, items, self.cfg.n_mm_layers)
 
     def _hypergraph(self, name: str, items: Tensor) -> Tensor:
         """G_m of all nodes: hyperedges gather from items only, users and items read them back."""
         gumbel = self.training  # noise-free soft assignment at evaluation
-        item_logits = self._features(name) @ self.hyperedge_assign[name]
+        item_logits = feature_buffer(self, name) @ self.hyperedge_assign[name]
         item_incidence = self.incidence_dropout(gumbel_or_soft(item_logits, self.cfg.tau, gumbel))
         user_logits = self.interactions.propagate(item_logits)
         user_incidence = self.incidence_dropout(gumbel_or_soft(user_logits, self.cfg.tau, gumbel))
-        for _ in range(self.cfg.n_hyper_layers):
-            items, hyperedges = hypergraph_conv(item_incidence, items, self.backend)
+        items, hyperedges = hypergraph_rounds(item_incidence, items, self.cfg.n_hyper_layers, self.backend)
         return torch.cat([user_incidence @ hyperedges, items])
 
     def forward(self) -> tuple[Tensor, dict[str, Tensor]]:
         """(final embeddings e, {modality: G_m}) of all nodes, users first."""
         h_id = lightgcn_propagate(self.ui_graph, torch.cat([self.user_emb, self.item_emb]), self.cfg.n_ui_layers)
-        local = h_id + sum(F.normalize(self._modality(m), dim=1) for m in self.view_names)
-        global_ = {m: self._hypergraph(m, h_id[self.n_users :]) for m in self.view_names}
+        local = h_id + sum(F.normalize(self._modality(m), dim=1) for m in self.modality_names)
+        global_ = {m: self._hypergraph(m, h_id[self.n_users :]) for m in self.modality_names}
         return local + self.cfg.alpha * F.normalize(sum(global_.values()), dim=1), global_
 
     def final_embeddings(self) -> tuple[Tensor, Tensor]:

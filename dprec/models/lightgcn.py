@@ -9,10 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
+from dprec.config import check_types
 from dprec.graph import build_user_item_graph, lightgcn_propagate
 from dprec.models.base import ModelContext, Recommender, bpr_loss, l2_reg
+from dprec.models.layers import xavier
 
 
 @dataclass
@@ -27,6 +28,7 @@ class LightGCNConfig:
     """Weight of the L2 penalty on the batch's layer-0 embeddings."""
 
     def __post_init__(self) -> None:
+        check_types(self)
         if self.embedding_dim <= 0:
             raise ValueError(f"embedding_dim must be positive, got {self.embedding_dim}")
         if self.n_layers < 0:
@@ -41,10 +43,8 @@ class LightGCN(Recommender):
     def __init__(self, cfg: LightGCNConfig, ctx: ModelContext) -> None:
         super().__init__(ctx)
         self.cfg = cfg
-        self.user_emb = nn.Parameter(torch.empty(ctx.n_users, cfg.embedding_dim))
-        self.item_emb = nn.Parameter(torch.empty(ctx.n_items, cfg.embedding_dim))
-        nn.init.xavier_uniform_(self.user_emb)
-        nn.init.xavier_uniform_(self.item_emb)
+        self.user_emb = xavier(ctx.n_users, cfg.embedding_dim)
+        self.item_emb = xavier(ctx.n_items, cfg.embedding_dim)
         self.graph = build_user_item_graph(
             ctx.n_users, ctx.n_items, ctx.train_users, ctx.train_items, backend=ctx.graph_backend
         )

@@ -1,6 +1,6 @@
 """MGCN (Yu et al., "Multi-View Graph Convolutional Network for Multimedia Recommendation", MM'23).
 
-- ID view:  H_id = LightGCN over the normalised user-item graph Â (mean over n_ui_layers layers);
+- ID embeddings: H_id = LightGCN over the normalised user-item graph Â (mean over n_ui_layers layers);
 - purifier: per modality m, items' X_m = E_item ⊙ sigmoid(gate_m(trs_m(F_m))) (ID embedding gated by the feature);
 - item-item view: X_m goes n_ii_layers rounds over the kNN graph Ŝ_m of F_m (cosine, top knn_k with values,
   D^-1/2 S D^-1/2, built once); users: the user-item block R of Â, so H_m = [R Ŝ_m X_m ; Ŝ_m X_m];
@@ -9,20 +9,8 @@
 - loss: BPR + reg_weight * L2(the batch's final embeddings) + cl_weight * (InfoNCE(side, H_id) of the batch's
   positive items + of its users), in-batch, temperature cl_tau.
 
-Defaults are MGCN's published ones (MMRec's MGCN.yaml): d 64, 2 user-item layers, 1 item-item layer, k 10,
-reg 1e-4, InfoNCE tau 0.2 with weight 0.01 (the middle of its grid {0.001, 0.01, 0.1}), learning rate 1e-3.
-
-Differences from the original:
-- any number of modalities, not exactly image and text: the fuser's denominator 3 becomes n_modalities + 1
-  (3 for two); one modality works (then common = H_m, the specific part is 0 and the fuser has no parameters);
-  no features is an error;
-- the kNN graph excludes the item itself and drops non-positive similarities (``dprec.graph.knn``); the original's
-  top-k includes the item (cos = 1) as one of its k;
-- ``train_features=False`` (ours) freezes the raw features, which the original fine-tunes
-  (``nn.Embedding.from_pretrained(freeze=False)``; the default here too); either way the kNN graph is built once
-  from their initial values;
-- MGCN's learning-rate decay (x0.96 every 50 epochs) is the trainer's business and not applied here;
-- L2 divides by the actual batch size (the original divides by the configured one: differs on the last batch).
+Defaults are MGCN's published ones (MMRec's MGCN.yaml). Where and why this differs from the original:
+docs/design-notes.md#modelsmgcn.
 """
 
 from __future__ import annotations
@@ -32,10 +20,19 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from dprec.config import check_types
 from dprec.graph import build_user_item_graph, lightgcn_propagate
 from dprec.graph.knn import DEFAULT_BLOCK_SIZE, build_item_knn_graph
 from dprec.models.base import ModelContext, Recommender, bpr_loss, l2_reg
-from dprec.models.dprec import AttentionGate, check_view_names, info_nce, select_features, user_item_block
+from dprec.models.layers import (
+    AttentionGate,
+    check_modality_names,
+    info_nce,
+    propagate_rounds,
+    select_features,
+    user_item_block,
+    xavier,
+)
 
 
 @dataclass
@@ -53,17 +50,18 @@ class MGCNConfig:
     knn_block_size: int = DEFAULT_BLOCK_SIZE
     """Items per block when the kNN graphs are built (memory only)."""
     cl_weight: float = 0.01
-    """Weight of the InfoNCE between the side (content) and ID views (MGCN's cl_loss)."""
+    """Weight of the InfoNCE between the side (content) and ID embeddings (MGCN's cl_loss)."""
     cl_tau: float = 0.2
     """InfoNCE temperature."""
     reg_weight: float = 1e-4
     """Weight of the L2 penalty on the batch's final embeddings."""
     train_features: bool = True
     """Fine-tune the raw features, as MGCN does; False keeps them fixed (less memory)."""
-    views: list[str] | None = None
-    """Feature views to use, by name; None = every view given (at least one is needed)."""
+    modalities: list[str] | None = None
+    """Modalities (feature views) to use, by name; None = every one given (at least one is needed)."""
 
     def __post_init__(self) -> None:
+        check_types(self)
         for name in ("embedding_dim", "n_ii_layers", "knn_k", "knn_block_size", "cl_tau"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -72,10 +70,11 @@ class MGCNConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not isinstance(self.train_features, bool):
             raise ValueError(f"train_features must be true or false, got {self.train_features!r}")
-        check_view_names(self.views)
+        check_modality_names(self.modalities)
 
 
 def sigmoid_gate(dim: int) -> nn.Sequential:
+    """x -> sigmoid(W x + b): MGCN's purifier gate and its preference gate."""
     return nn.Sequential(nn.Linear(dim, dim), nn.Sigmoid())
 
 
@@ -84,11 +83,13 @@ class MGCN(Recommender):
         super().__init__(ctx)
         self.cfg = cfg
         d = cfg.embedding_dim
-        features = select_features(ctx.features, cfg.views, ctx.n_items)
+        features = select_features(ctx.features, cfg.modalities, ctx.n_items)
         if not features:
-            raise ValueError(f"MGCN needs at least one feature view (views={cfg.views}); use lightgcn for IDs only")
-        self.user_emb = nn.Parameter(nn.init.xavier_uniform_(torch.empty(ctx.n_users, d)))
-        self.item_emb = nn.Parameter(nn.init.xavier_uniform_(torch.empty(ctx.n_items, d)))
+            raise ValueError(
+                f"MGCN needs at least one feature view (modalities={cfg.modalities}); use lightgcn for IDs only"
+            )
+        self.user_emb = xavier(ctx.n_users, d)
+        self.item_emb = xavier(ctx.n_items, d)
         self.ui_graph = build_user_item_graph(
             ctx.n_users, ctx.n_items, ctx.train_users, ctx.train_items, ctx.graph_backend
         )
@@ -111,12 +112,11 @@ class MGCN(Recommender):
     def _item_item_view(self, name: str) -> Tensor:
         """[users; items] of modality ``name``: purified ID embeddings over the kNN graph, users through R."""
         items = self.item_emb * self.purifier[name](self.transform[name](self.features[name]))
-        for _ in range(self.cfg.n_ii_layers):
-            items = self.knn[name].propagate(items)
+        items = propagate_rounds(self.knn[name], items, self.cfg.n_ii_layers)
         return torch.cat([self.user_block.propagate(items), items])
 
     def forward(self) -> tuple[Tensor, Tensor, Tensor]:
-        """(final embeddings e, side view, ID view H_id) of all nodes, users first."""
+        """(final embeddings e, side embeddings, ID embeddings H_id) of all nodes, users first."""
         h_id = lightgcn_propagate(self.ui_graph, torch.cat([self.user_emb, self.item_emb]), self.cfg.n_ui_layers)
         modal = {m: self._item_item_view(m) for m in self.features}
         if self.common_query is None:

@@ -7,12 +7,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from dprec.config import check_types
 from dprec.models.base import ModelContext, Recommender
 
 
 @dataclass
 class PopularityConfig:
     """Popularity has no hyper-parameters."""
+
+    def __post_init__(self) -> None:
+        check_types(self)
 
 
 class Popularity(Recommender):

@@ -190,7 +190,7 @@ def test_hm_sample_kcore_leaves_nothing(tmp_path):
     rc, _, err = run(
         ["table", "--preset", "hm-sample", "--root", shared("hm-sample"), "--kcore", "5", "--out", tmp_path / "hm"]
     )
-    assert rc == 1 and "no interactions left after 5-core filtering (4977 before); lower --kcore" in err
+    assert rc == 2 and "no interactions left after 5-core filtering (4977 before); lower --kcore" in err
 
 
 # ---------------------------------------------------------------- MMRec fixtures
@@ -255,7 +255,7 @@ def test_mmrec_cli_summary_and_strict_exit_code(toy_mmrec, tmp_path):
     assert summary["interactions"] == {"train": 3, "valid": 1, "test": 1} and len(summary["content_hash"]) == 64
     assert "prepare: skipped [malformed]" in err
     rc, _, err = run(["mmrec", toy_mmrec, "--strict", "--out", tmp_path / "strict"])
-    assert rc == 1 and err.startswith("prepare: error: ") and "toy.inter:7:" in err and "Traceback" not in err
+    assert rc == 2 and err.startswith("prepare: error: ") and "toy.inter:7:" in err and "Traceback" not in err
 
 
 def _sequence_fixture(tmp_path: Path, rng: np.random.Generator) -> tuple[Path, dict, dict]:
@@ -476,13 +476,13 @@ def test_parquet_that_is_csv_and_csv_that_is_parquet(tmp_path):
     rc, _, err = run(
         ["table", "--interactions", fake, "--user-col", "user", "--item-col", "item", "--out", tmp_path / "o"]
     )
-    assert rc == 1 and "inter.parquet: not a Parquet file (it is text starting b'user,item" in err
+    assert rc == 2 and "inter.parquet: not a Parquet file (it is text starting b'user,item" in err
     real = tmp_path / "inter.csv"
     pd.DataFrame({"user": [1], "item": [2]}).to_parquet(real)
     rc, _, err = run(
         ["table", "--interactions", real, "--user-col", "user", "--item-col", "item", "--out", tmp_path / "o"]
     )
-    assert rc == 1 and "inter.csv: is Parquet, not text" in err
+    assert rc == 2 and "inter.csv: is Parquet, not text" in err
 
 
 def test_broken_json_array_names_the_line(tmp_path):
@@ -496,7 +496,7 @@ def test_broken_json_array_names_the_line(tmp_path):
         "description: d}]}\n"
     )
     rc, _, err = run(["table", "--preset", spec, "--root", tmp_path, "--out", tmp_path / "o"])
-    assert rc == 1 and "details.json:3: not valid JSON (Expecting ',' delimiter" in err
+    assert rc == 2 and "details.json:3: not valid JSON (Expecting ',' delimiter" in err
 
 
 # ---------------------------------------------------------------- generic tables via flags
@@ -575,12 +575,12 @@ def test_table_flags_counted_skips_and_fields(shop):
 
 def test_table_strict_turns_skips_into_errors(shop):
     rc, _, err = run(["table", "--root", shop, *SHOP_FLAGS, "--strict", "--out", shop / "out"])
-    assert rc == 1 and f"{shop / 'inter.csv'}:7: expected 4 fields, found 3 (--strict" in err
+    assert rc == 2 and f"{shop / 'inter.csv'}:7: expected 4 fields, found 3 (--strict" in err
 
 
 def test_table_needs_interactions_path(tmp_path):
     rc, _, err = run(["table", "--out", tmp_path / "o"])
-    assert rc == 1 and "interactions.path is required" in err
+    assert rc == 2 and "interactions.path is required" in err
 
 
 def test_synthetic_subcommand(tmp_path):
@@ -588,10 +588,12 @@ def test_synthetic_subcommand(tmp_path):
     assert (summary["users"], summary["items"]) == (600, 400) and ds.items["image_bytes"].str.len().min() > 0
 
 
-def test_folders_without_extra_column_still_load(tmp_path):
+def test_folder_missing_a_column_is_refused_by_name(tmp_path):
     inter = pd.DataFrame({"user_idx": [0, 0], "item_idx": [0, 1], "split": [0, 2]})
     items = pd.DataFrame({"item_idx": [0, 1], "item_id": ["a", "b"]})
     ds = make_dataset("old", inter, items, pd.DataFrame({"user_idx": [0], "user_id": ["u"]}))
     save_dataset(ds, tmp_path)
-    pd.read_parquet(tmp_path / "items.parquet").drop(columns="extra").to_parquet(tmp_path / "items.parquet")
     assert load_dataset(tmp_path, verify_hash=True).items["extra"].tolist() == ["", ""]
+    pd.read_parquet(tmp_path / "items.parquet").drop(columns="extra").to_parquet(tmp_path / "items.parquet")
+    with pytest.raises(DatasetError, match=r"items.parquet: missing column\(s\) \['extra'\]"):
+        load_dataset(tmp_path)

@@ -21,9 +21,10 @@ from PIL import Image
 
 from dprec.data.dataset import make_dataset, save_dataset
 from dprec.features import mobilenet
-from dprec.features.image import ImageConfig
-from dprec.features.pipeline import ExtractConfig, run_extract
-from dprec.features.text import TextConfig, clean_field, package_dir, render_item
+from dprec.features.config import ExtractConfig, ImageConfig, TextConfig
+from dprec.features.hf import package_dir
+from dprec.features.pipeline import run_extract
+from dprec.features.prompt import clean_field, render_item
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from dprec.features import mobilenet
-from dprec.features.image import ImageConfig, ImageEncoder, ImageModelError, load_image, resolve_image_model
+from dprec.features.config import ImageConfig
+from dprec.features.image import ImageEncoder, ImageModelError, load_image, resolve_image_model
 
 
 def jpeg(colour=(200, 30, 30), size=(64, 48)) -> bytes:

@@ -18,9 +18,10 @@ import torch
 
 from dprec.data.dataset import load_dataset
 from dprec.features import read_features
+from dprec.features.config import TextConfig
 from dprec.features.pipeline import ExtractError, run_extract
+from dprec.features.prompt import render_item
 from dprec.features.shards import load_manifest
-from dprec.features.text import TextConfig, render_item
 
 
 def test_generated_faults_are_flagged_and_counted(generated, generated_reference):

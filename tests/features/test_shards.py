@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import shutil
 import tarfile
 
 import numpy as np
@@ -250,21 +249,6 @@ def test_features_follow_the_catalogue_not_the_split(written):
     other = make_dataset(ds.name, resplit, ds.items, ds.users)
     assert other.meta["content_hash"] != ds.meta["content_hash"]
     np.testing.assert_array_equal(read_features(folder, dataset=other)["text"], read_features(folder)["text"])
-
-
-def test_manifest_without_items_hash_is_checked_by_content_hash(written, tmp_path):
-    """Feature folders written before items_hash existed: the whole dataset's content hash decides."""
-    folder, ds = written
-    legacy = tmp_path / "legacy"
-    shutil.copytree(folder, legacy)
-    manifest = load_manifest(legacy)
-    manifest["spec"]["dataset"] = {"name": ds.name, "content_hash": ds.meta["content_hash"], "n_items": ds.n_items}
-    write_manifest(legacy, manifest)
-    assert read_features(legacy, dataset=ds)["text"].shape[0] == ds.n_items
-    resplit = ds.interactions.copy()
-    resplit.loc[resplit.index[0], "split"] = 2
-    with pytest.raises(ShardError, match="dataset content hash"):
-        read_features(legacy, dataset=make_dataset(ds.name, resplit, ds.items, ds.users))
 
 
 def test_reader_error_pickled_member(written):

@@ -8,17 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from dprec.features.text import (
-    LLM_TEMPLATE,
-    TextConfig,
-    TextEncoder,
-    TextModelError,
-    clean_field,
-    ensure_smollm2_cache,
-    length_batches,
-    render_item,
-    resolve_text_model,
-)
+from dprec.config import from_dict
+from dprec.features.config import TextConfig
+from dprec.features.prompt import LLM_TEMPLATE, clean_field, render_item
+from dprec.features.text import TextEncoder, TextModelError, ensure_smollm2_cache, length_batches, resolve_text_model
 
 FIELDS = [
     {"title": "Copper kettle", "brand": "Acme", "categories": "kitchen|tea", "description": "Boils water fast."},
@@ -65,7 +58,7 @@ def test_clean_field_decodes_and_flags():
 
 def test_config_validation():
     with pytest.raises(ValueError, match="pooling"):
-        TextConfig(pooling="max")
+        from_dict(TextConfig, {"pooling": "max"})
     with pytest.raises(ValueError, match="prompt template"):
         TextConfig(prompt_template="no placeholders")
     with pytest.raises(ValueError, match="plain name"):

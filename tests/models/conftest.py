@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from dprec.data.synthetic import generate
-from dprec.train import RunConfig, TrainConfig, Trainer
+from dprec.training.config import RunConfig, TrainConfig
+from dprec.training.loop import Trainer
 
 
 def informative_features(ds, seed: int = 0) -> dict[str, np.ndarray]:

@@ -12,9 +12,10 @@ import torch
 from dprec.config import ConfigError
 from dprec.graph import available_backends
 from dprec.models import ModelContext
-from dprec.models.dprec import DPRec, DPRecConfig, info_nce
+from dprec.models.dprec import DPRec, DPRecConfig
+from dprec.models.layers import info_nce
 from dprec.models.lightgcn import LightGCN, LightGCNConfig
-from dprec.train import RunConfig
+from dprec.training.config import RunConfig
 
 N_USERS, N_ITEMS = 40, 30
 requires_dgl = pytest.mark.skipif("dgl" not in available_backends(), reason="DGL does not import here")
@@ -118,7 +119,7 @@ def test_gradient_reaches_exactly_the_parts_switched_on(overrides: dict, views: 
         {"n_ii_layers": 2},
         {"n_hyper_layers": 2},
         {"alpha": 0.0},
-        {"views": ["text"]},
+        {"modalities": ["text"]},
     ],
 )
 def test_each_structural_switch_changes_the_output(overrides: dict) -> None:
@@ -232,18 +233,18 @@ def test_no_features_is_lightgcn_and_says_so(caplog: pytest.LogCaptureFixture) -
 
 def test_config_errors_name_the_field() -> None:
     for overrides, message in [
-        ({"fusion": "concat"}, "fusion must be one of"),
+        ({"fusion": "concat"}, "fusion: expected one of .attention., .sum."),
         ({"keep_rate": 0.0}, "keep_rate"),
         ({"hyperedge_tau": 0}, "hyperedge_tau must be positive"),
         ({"n_hyper_layers": 0}, "n_hyper_layers must be positive"),
-        ({"use_memory": "no"}, "use_memory must be true or false"),
-        ({"views": ["text", "text"]}, "must not repeat"),
+        ({"use_memory": "no"}, "use_memory: expected true or false"),
+        ({"modalities": ["text", "text"]}, "must not repeat"),
         ({"hyperedge_assignment": "hard"}, "hyperedge_assignment"),
     ]:
         with pytest.raises(ValueError, match=message):
             DPRecConfig(**overrides)
     with pytest.raises(ValueError, match=r"feature view\(s\) \['audio'\] not found"):
-        DPRec(DPRecConfig(views=["audio"]), random_context())
+        DPRec(DPRecConfig(modalities=["audio"]), random_context())
     with pytest.raises(ConfigError, match="use_hypergrap"):
         RunConfig(dataset="x", model={"name": "dprec", "use_hypergrap": False}).model_config()
 
@@ -275,7 +276,7 @@ def test_expand_ids_adds_the_knn_propagated_item_ids_to_the_id_view() -> None:
     with torch.no_grad():
         h_base, h_exp = base().h_id, expanded().h_id
         # the kNN graphs as dense matrices (propagating the identity), then the ID embeddings through them
-        knn = {m: expanded.knn[m].propagate(torch.eye(N_ITEMS)) for m in expanded.view_names}
+        knn = {m: expanded.knn[m].propagate(torch.eye(N_ITEMS)) for m in expanded.modality_names}
         dense = (knn["text"] @ expanded.item_emb + knn["image"] @ expanded.item_emb) / 2
     torch.testing.assert_close(h_exp[:N_USERS], h_base[:N_USERS])
     torch.testing.assert_close(h_exp[N_USERS:] - h_base[N_USERS:], dense, atol=1e-5, rtol=1e-5)

@@ -15,36 +15,38 @@ Order of operations, each counted in ``dataset.json``:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from dprec.data.dataset import ITEM_TEXT_FIELDS, Dataset, DatasetError, make_dataset
+from dprec.config import check_types
+from dprec.data.dataset import Dataset, DatasetError, make_dataset
 from dprec.data.readers.common import RawData, SkipLog, contains
-from dprec.data.splits import DEFAULT_RATIOS, SPLIT_RULES, assign_split
+from dprec.data.schema import ITEM_COLUMNS
+from dprec.data.splits import DEFAULT_RATIOS, SplitRule, assign_split
 
-ITEM_FIELDS = (*ITEM_TEXT_FIELDS, "image_path", "image_url", "extra")
+STRING_ITEM_FIELDS = tuple(c for c in ITEM_COLUMNS if c not in ("item_idx", "item_id", "image_bytes"))
 
 
 @dataclass
 class BuildOptions:
     """How to turn raw data into the dataset; ``None`` means the source's default."""
 
-    split: str | None = None
-    """given | random | chrono."""
+    split: SplitRule | None = None
+    """Split rule (see dprec.data.splits); default: the source's."""
     seed: int = 0
-    """Seed of the random split."""
+    """Seed of the random split (synthetic: of the generator, default 7)."""
     kcore: int | None = None
     """Minimum interactions per user and per item, applied until stable; 1 keeps everything."""
     keep_cold_items: bool | None = None
     """Keep catalogue items that have no interactions (content-only items)."""
-    ratios: tuple[float, float, float] = DEFAULT_RATIOS
+    ratios: tuple[float, float, float] = field(default=DEFAULT_RATIOS, metadata={"cli": False})
+    """Train, valid and test shares of each user's interactions."""
 
     def __post_init__(self) -> None:
-        if self.split is not None and self.split not in SPLIT_RULES:
-            raise DatasetError(f"unknown split rule {self.split!r}; use one of {', '.join(SPLIT_RULES)}")
+        check_types(self)
         if self.kcore is not None and self.kcore < 1:
             raise DatasetError(f"kcore must be at least 1 (1 = no filtering), got {self.kcore}")
 
@@ -126,7 +128,7 @@ def _items(inter: pd.DataFrame, catalogue: pd.DataFrame | None, keep_cold: bool)
     keys = items["item_key"] if "item_key" in items else None
     items = items.iloc[id_order(items["item_id"], keys)].reset_index(drop=True)
     items["item_idx"] = np.arange(len(items))
-    for col in ITEM_FIELDS:
+    for col in STRING_ITEM_FIELDS:
         items[col] = items[col].fillna("").astype(str) if col in items else ""
     return items
 

@@ -2,20 +2,13 @@
 
 A reader turns one kind of input into :class:`RawData` (string IDs, source line numbers);
 :func:`dprec.data.readers.build.build_dataset` turns that into the canonical dataset.
-
-Bad-input policy (also in ``python -m dprec.prepare --help``):
-
-- a file that is not what its name says (``.gz`` that is not gzip, ``.parquet`` that is text,
-  text that is binary), unreadable JSON documents, missing required columns: :class:`DatasetError`.
-- a malformed line or row (wrong field count, non-integer ID where one is required, bad JSON,
-  bad number or date, missing ID): skipped and counted as ``malformed``; more than
-  ``max_malformed`` of them is an error (the file is probably not the format you think).
-- duplicates and interactions naming unknown items: skipped and counted (see ``build``).
-- ``strict``: every skip becomes a :class:`DatasetError` naming its ``path:line`` (checks run per
-  kind over the whole file, so the first error reported is the first of the first failing check).
-
-Every message names ``path:line`` (for Parquet the 1-based row number) and what was wrong.
-Blank lines carry no record and are ignored.
+Bad input (the full table: docs/data-and-features.md): a file that is not what its name says,
+unreadable JSON documents or missing required columns are a :class:`DatasetError`; a malformed
+line or row (wrong field count, non-integer ID where one is required, bad JSON, number or date,
+missing ID) is skipped and counted as ``malformed``, and more than ``max_malformed`` of them is
+an error; with ``strict`` every skip is an error (checks run per kind over the whole file, so
+the first error reported is the first of the first failing check). Every message names
+``path:line`` (for Parquet the 1-based row number) and what was wrong; blank lines are ignored.
 """
 
 from __future__ import annotations
@@ -64,9 +57,11 @@ class SkipLog:
     """Counts skipped input by kind, keeps the first messages, and enforces ``strict`` / ``max_malformed``."""
 
     strict: bool = False
+    """Any skipped input is an error naming its ``path:line``."""
     max_malformed: int = 100
-    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SKIP_KINDS, 0))
-    examples: list[str] = field(default_factory=list)
+    """More malformed lines than this is an error (the file is probably not the format you think)."""
+    counts: dict[str, int] = field(init=False, default_factory=lambda: dict.fromkeys(SKIP_KINDS, 0))
+    examples: list[str] = field(init=False, default_factory=list)
 
     def add(
         self, kind: str, path: str | Path, lines: Sequence[int] | np.ndarray, what: str | Callable[[int], str]

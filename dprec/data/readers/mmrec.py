@@ -35,6 +35,7 @@ from dprec.data.readers.common import (
     text_lines,
     timestamps,
 )
+from dprec.data.schema import SPLIT_LABELS
 
 FEATURE_FILES = {"text": "text_feat.npy", "image": "image_feat.npy"}
 URL_COLUMNS = ("imUrl", "url", "image_url")
@@ -79,7 +80,7 @@ def _read_inter(path: Path, skips: SkipLog) -> pd.DataFrame:
     out["split"] = np.int8(-1)
     if "x_label" in frame:
         label = pd.to_numeric(frame["x_label"], errors="coerce")
-        bad = ~label.isin([0, 1, 2]).to_numpy() & keep
+        bad = ~label.isin(SPLIT_LABELS).to_numpy() & keep
         idx = np.flatnonzero(bad)
         skips.add(
             "malformed", path, lines[idx], lambda k: f"x_label {frame['x_label'].iloc[idx[k]]!r} is not 0, 1 or 2"

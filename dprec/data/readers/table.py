@@ -1,49 +1,15 @@
 """Generic interaction and item tables (CSV, TSV, Parquet, JSON / JSON lines) with a column mapping.
 
-The mapping is a YAML file (``--config``), a shipped preset (``--preset ml-100k``, files in
-``dprec/data/presets/``) or CLI flags, which override the file. Paths are relative to ``--root``.
-Every key but ``interactions.path`` is optional::
-
-    name: hm-sample
-    integer_user_ids: false            # user IDs must be integers ("007" and "7" are then the same ID)
-    integer_item_ids: true             # item IDs (interactions, items and joins) must be integers
-    kcore: 1                           # default minimum interactions per user / item (1 = no filtering)
-    split: chrono                      # default split rule (given | random | chrono)
-    interactions:
-      path: transactions_sample.parquet
-      format: parquet                  # csv | tsv | parquet | json | jsonl; default from the extension
-      user: customer_id                # column names in the file (defaults: user_id, item_id)
-      item: article_id
-      timestamp: t_dat                 # unix seconds, or dates / datetimes (converted to unix seconds, UTC)
-      rating: null
-      split: null                      # a column of 0/1/2 labels, for --split given
-    items:
-      path: articles_sample.parquet
-      key: article_id                  # the item ID column (default item_id)
-      title: prod_name                 # a column, or a list of columns joined with ". "
-      description: detail_desc
-      brand: null
-      categories: [product_type_name, colour_group_name]  # columns; list cells are flattened
-      categories_sep: null             # split string cells on this (ml-100k genres: " ")
-      image_url: null                  # a column of URLs
-      image_path: null                 # a column of local paths (relative ones are under --root)
-      image_template: "images/{item_id:0>10}.jpg"  # under --root; set where the file exists
-      extra: [department_name]         # columns kept, as a JSON object, in items.extra
-      keep_all: true                   # keep catalogue items without interactions
-      joins:                           # further item tables, joined on their key
-        - path: movielens100k_details.json
-          key: movie_id
-          description: description     # same field keys as items; a joined non-empty value wins
-          extra: [director, cast]
-
-Typed RecBole headers (``user_id:token``) are stripped to the name. Interactions naming an item
-that the item table lacks are ``unknown_item`` skips; joined rows naming no item are counted in
-``dataset.json`` (``join_unmatched``).
+The mapping (:class:`TableSpec`) is a YAML file or a shipped preset (``--preset ml-100k``, files in
+``dprec/data/presets/``), with CLI flags laid over it; paths are relative to ``--root``. Only
+``interactions.path`` is required; every field is documented below, and an annotated example is
+in docs/data-and-features.md. Typed RecBole headers (``user_id:token``) are stripped to the name.
+Interactions naming an item that the item table lacks are ``unknown_item`` skips; joined rows
+naming no item are counted in ``dataset.json`` (``join_unmatched``).
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -52,7 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from dprec.config import ConfigError, from_dict, load_yaml
+from dprec.config import ConfigError, check_types, from_dict, load_yaml, merge
 from dprec.data.dataset import DatasetError
 from dprec.data.readers.common import (
     RawData,
@@ -67,9 +33,10 @@ from dprec.data.readers.common import (
     resolve,
     timestamps,
 )
-from dprec.data.splits import SPLIT_RULES
+from dprec.data.schema import ITEM_TEXT_FIELDS, SPLIT_LABELS
+from dprec.data.splits import SplitRule
 
-TEXT_FIELDS = ("title", "description", "brand")
+JOINED_TEXT_FIELDS = tuple(f for f in ITEM_TEXT_FIELDS if f != "categories")  # several columns joined with ". "
 Columns = str | list[str] | None
 
 
@@ -79,11 +46,19 @@ class InteractionTable:
 
     path: str
     format: str | None = None
+    """csv | tsv | parquet | json | jsonl; default from the extension (``.gz`` stripped)."""
     user: str = "user_id"
+    """The user ID column."""
     item: str = "item_id"
+    """The item ID column."""
     timestamp: str | None = None
+    """Unix seconds, or dates / datetimes (converted to unix seconds, UTC)."""
     rating: str | None = None
     split: str | None = None
+    """A column of 0/1/2 labels, for the ``given`` split rule."""
+
+    def __post_init__(self) -> None:
+        check_types(self)
 
 
 @dataclass
@@ -92,15 +67,26 @@ class JoinTable:
 
     path: str
     format: str | None = None
+    """As for the interactions."""
     key: str = "item_id"
+    """The item ID column."""
     title: Columns = None
+    """A column, or a list of columns joined with ". " (so are ``description`` and ``brand``)."""
     description: Columns = None
     brand: Columns = None
     categories: Columns = None
+    """Columns whose values (list cells flattened) become the "|"-joined categories."""
     categories_sep: str | None = None
+    """Split string category cells on this (ml-100k genres: " ")."""
     image_url: str | None = None
+    """A column of image URLs."""
     image_path: str | None = None
+    """A column of local image paths (relative ones are under --root)."""
     extra: list[str] = field(default_factory=list)
+    """Columns kept, as a JSON object, in ``items.extra``."""
+
+    def __post_init__(self) -> None:
+        check_types(self)
 
 
 @dataclass
@@ -112,6 +98,7 @@ class ItemTable(JoinTable):
     keep_all: bool = False
     """Keep catalogue items without interactions (cold, content-only items)."""
     joins: list[dict[str, Any]] = field(default_factory=list)
+    """Further item tables (:class:`JoinTable` keys), joined on their key; a joined non-empty value wins."""
 
 
 @dataclass
@@ -123,13 +110,16 @@ class TableSpec:
     name: str = "table"
     description: str = ""
     integer_user_ids: bool = False
+    """User IDs must be integers (others are malformed); "007" and "7" are then one ID."""
     integer_item_ids: bool = False
+    """Item IDs (in interactions, items and joins) must be integers."""
     kcore: int = 1
-    split: str = "random"
+    """Default minimum interactions per user and item (1 = no filtering)."""
+    split: SplitRule = "random"
+    """Default split rule."""
 
     def __post_init__(self) -> None:
-        if self.split not in SPLIT_RULES:
-            raise ValueError(f"split {self.split!r} is not one of {', '.join(SPLIT_RULES)}")
+        check_types(self)
         if self.kcore < 1:
             raise ValueError(f"kcore must be at least 1 (1 = no filtering), got {self.kcore}")
 
@@ -145,25 +135,15 @@ def preset_path(name: str) -> Path:
     return path
 
 
-def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for key, value in overrides.items():
-        if isinstance(value, dict):
-            out[key] = _merge(out.get(key) or {}, value)
-        elif value is not None:
-            out[key] = value
-    return out
-
-
 def load_spec(preset: str | None = None, overrides: dict[str, Any] | None = None) -> TableSpec:
-    """The spec of a preset (or YAML file) with ``overrides`` (nested dict, ``None`` values ignored) on top."""
+    """The spec of a preset (or YAML file) with ``overrides`` (a nested dict, as :func:`dprec.config.merge`) on top."""
     data: dict[str, Any] = {}
     where = "table spec"
     if preset:
         path = preset_path(preset)
         data, where = load_yaml(path), str(path)
         data.setdefault("name", path.stem)
-    data = _merge(data, overrides or {})
+    data = merge(data, overrides or {})
     if not (data.get("interactions") or {}).get("path"):
         raise ConfigError(f"{where}: interactions.path is required (--interactions FILE, or a preset)")
     inter = from_dict(InteractionTable, data.pop("interactions"), f"{where}: interactions")
@@ -201,7 +181,7 @@ def read_interactions(spec: TableSpec, root: Path, skips: SkipLog) -> tuple[pd.D
         keep &= ok
     if t.split:
         label = pd.to_numeric(frame[t.split], errors="coerce")
-        bad = ~label.isin([0, 1, 2]).to_numpy()
+        bad = ~label.isin(SPLIT_LABELS).to_numpy()
         idx = np.flatnonzero(bad & keep)
         skips.add("malformed", path, lines[idx], lambda k: f"split label {frame[t.split].iloc[idx[k]]!r} is not 0/1/2")
         keep &= ~bad
@@ -231,10 +211,10 @@ def _columns(spec: Columns) -> list[str]:
 
 def item_fields(frame: pd.DataFrame, spec: JoinTable, path: Path, root: Path) -> pd.DataFrame:
     """The canonical item fields that ``spec`` maps, from one item table."""
-    mapped = {f: _columns(getattr(spec, f)) for f in (*TEXT_FIELDS, "categories", "image_url", "image_path")}
+    mapped = {f: _columns(getattr(spec, f)) for f in (*JOINED_TEXT_FIELDS, "categories", "image_url", "image_path")}
     require_columns(frame, path, sorted({c for cols in mapped.values() for c in cols} | set(spec.extra)))
     out = pd.DataFrame(index=frame.index)
-    for name in TEXT_FIELDS:
+    for name in JOINED_TEXT_FIELDS:
         if mapped[name]:
             rows = frame[mapped[name]].itertuples(index=False, name=None)
             out[name] = [". ".join(t for t in map(_cell_text, row) if t) for row in rows]

@@ -1,35 +1,19 @@
 """Export a trained model, log it as an MLflow pyfunc without pickles, register it, move ``@champion``.
 
-From a trainer (rank 0, inside its tracked run; ``RunTracker.register`` does this)::
-
-    registration = register_trainer(trainer, result, run_id=tracker.run_id)
-
-From a bundle folder written earlier by :func:`export_bundle`, and to re-settle the aliases
-after tagging a version ``champion_eligible=false`` (a rollback)::
-
-    python -m dprec.registry register --bundle runs/lightgcn/bundle [--run-id RUN] [--unknown-user popularity]
-    python -m dprec.registry settle --name dprec-default
-
-The logged model is "models from code": ``dprec/serving.py`` (the pyfunc) + the bundle's
-tensors, arrays and JSON (see that file) + the MLflow model config ``unknown_user`` /
-``default_k``. Registered name: ``dprec-<dataset>``. Each version is created with its
-metrics as tags (``valid_recall_at_20``, ``test_*``, ``dataset_hash`` ...), set atomically at
-creation. The champion rule: ``@champion`` is the eligible version with the highest
-``valid_recall_at_20``, ties to the earlier version, so a new version takes it only when it
-beats the current champion on validation Recall@20; a new version that does not gets
-``@challenger``. Rather than "compare with the champion I read, then write" (two concurrent
-registrations can both read the old champion and the worse one can write last), every
-registration recomputes the champion from all versions' tags, sets the aliases, re-reads
-and repeats until what it reads is stable. The last writer therefore always writes the
-best version it can see, and any version created later settles again itself. With a local
-sqlite store the whole step also runs under a file lock beside the database.
+The logged model is "models from code": ``dprec/tracking/serving.py`` (the pyfunc) + a bundle
+of tensors, arrays and JSON (:func:`export_bundle`) + the model config ``unknown_user`` /
+``default_k``. Registered name: ``dprec-<dataset>``; each version carries its metrics as tags
+(``valid_recall_at_20``, ``test_*``, ``dataset_hash`` ...), set at creation. Champion rule:
+``@champion`` is the eligible version (tag ``champion_eligible`` not ``false``) with the highest
+``valid_recall_at_20``, ties to the earlier version; a new version that does not take it gets
+``@challenger``. Every registration recomputes the champion from all versions' tags, sets the
+aliases, re-reads and repeats until stable, so concurrent registrations settle on the best
+version; a local sqlite store also takes a file lock. CLI: ``python -m dprec.register``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import re
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -49,10 +33,11 @@ from mlflow.tracking import MlflowClient
 from mlflow.types.schema import AnyType, ColSpec, Schema
 from safetensors.torch import save_file
 
-from dprec.tracking import ensure_experiment, metric_name, sqlite_path, tracking_uri
+from dprec.io import safe_name
+from dprec.tracking.store import ensure_experiment, metric_name, sqlite_path, tracking_uri
 
 if TYPE_CHECKING:
-    from dprec.train import Trainer
+    from dprec.training.loop import TrainedModel
 
 SERVING_CODE = Path(__file__).with_name("serving.py")
 BUNDLE_FILES = {
@@ -81,34 +66,30 @@ class Registration:
 
 
 def registered_name(dataset: str) -> str:
-    return "dprec-" + re.sub(r"[^A-Za-z0-9_.-]", "_", dataset)
+    return "dprec-" + safe_name(dataset)
 
 
-def export_bundle(trainer: Trainer, result: Mapping[str, Any], folder: str | Path) -> Path:
-    """Write the serving bundle of a fitted trainer (best state restored by ``fit``): tensors, arrays, JSON."""
+def export_bundle(trained: TrainedModel, result: Mapping[str, Any], folder: str | Path) -> Path:
+    """Write the serving bundle of ``trained`` (``Trainer.trained_model()`` after ``fit``): tensors, arrays, JSON."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    trainer.model.eval()
-    with torch.no_grad():
-        user, item = trainer.model.final_embeddings()
-    tensors = {"user": user.detach().float().cpu().contiguous(), "item": item.detach().float().cpu().contiguous()}
+    tensors = {"user": trained.user_embeddings, "item": trained.item_embeddings}
     save_file(tensors, folder / BUNDLE_FILES["embeddings"])
-    sets = trainer.train_sets
+    sets = trained.train_sets
     np.savez(
         folder / BUNDLE_FILES["train_items"], indptr=sets.indptr.astype(np.int64), indices=sets.indices.astype(np.int64)
     )
     np.save(folder / BUNDLE_FILES["popularity"], np.bincount(sets.indices, minlength=sets.n_items).astype(np.int64))
-    ds = trainer.ds
-    ids = {"user_ids": ds.users["user_id"].astype(str).tolist(), "item_ids": ds.items["item_id"].astype(str).tolist()}
+    ids = {"user_ids": list(trained.user_ids), "item_ids": list(trained.item_ids)}
     (folder / BUNDLE_FILES["ids"]).write_text(json.dumps(ids), encoding="utf-8")
     config = {
         "format_version": 1,
-        "model": trainer.cfg.as_dict()["model"],
+        "model": dict(trained.model_section),
         "dataset": {
-            "name": ds.name,
-            "content_hash": ds.meta.get("content_hash", ""),
-            "n_users": ds.n_users,
-            "n_items": ds.n_items,
+            "name": trained.dataset_name,
+            "content_hash": trained.dataset_hash,
+            "n_users": len(trained.user_ids),
+            "n_items": len(trained.item_ids),
         },
         "embedding_dim": int(tensors["item"].shape[1]),
         "best_epoch": int(result["best_epoch"]),
@@ -200,16 +181,16 @@ def log_and_register(
     return Registration(name, str(version), alias, champion, f"models:/{name}/{version}")
 
 
-def register_trainer(
-    trainer: Trainer,
+def register_model(
+    trained: TrainedModel,
     result: Mapping[str, Any],
     run_id: str | None = None,
     unknown_user: str = "error",
     uri: str | None = None,
 ) -> Registration:
-    """Export ``trainer``'s model to a temporary bundle, log it into ``run_id`` and register it."""
+    """Export ``trained`` to a temporary bundle, log it into ``run_id`` and register it."""
     with tempfile.TemporaryDirectory(prefix="dprec-bundle-") as tmp:
-        bundle = export_bundle(trainer, result, tmp)
+        bundle = export_bundle(trained, result, tmp)
         return log_and_register(bundle, run_id=run_id, unknown_user=unknown_user, uri=uri)
 
 
@@ -251,33 +232,3 @@ def settle_aliases(client: MlflowClient, name: str, new_version: str | None = No
     elif champion is not None and aliases_of(client, name).get(CHALLENGER) == champion:
         client.delete_registered_model_alias(name, CHALLENGER)
     return champion
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dprec.registry", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    reg = sub.add_parser("register", help="log a bundle folder as a pyfunc and register it")
-    reg.add_argument("--bundle", required=True, type=Path, help="folder written by export_bundle")
-    reg.add_argument("--run-id", help="MLflow run to log the model into (default: a new run)")
-    reg.add_argument(
-        "--unknown-user",
-        choices=UNKNOWN_USER_POLICIES,
-        default="error",
-        help="answer for users the model has not seen: an HTTP 400 error or the popularity list",
-    )
-    settle = sub.add_parser("settle", help="recompute @champion / @challenger of a registered model")
-    settle.add_argument("--name", required=True, help="registered model name, e.g. dprec-default")
-    args = parser.parse_args(argv)
-    uri = tracking_uri()
-    if args.command == "register":
-        result = log_and_register(args.bundle, run_id=args.run_id, unknown_user=args.unknown_user, uri=uri)
-        print(json.dumps(result.__dict__))
-        return 0
-    with registry_lock(uri):
-        champion = settle_aliases(MlflowClient(uri), args.name)
-    print(json.dumps({"name": args.name, "champion": champion}))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,28 +1,17 @@
 """The registered DPRec model: an MLflow pyfunc answering top-k requests in original IDs (DESIGN §5).
 
-This file is logged as the model's code ("models from code": ``dprec.registry`` passes its
-path to ``mlflow.pyfunc.log_model``), so it imports only mlflow, numpy, pandas, torch and
-safetensors: no Ray, DeepSpeed, DGL or dprec training code, and nothing is pickled. The
-model's artifacts (written by ``dprec.registry.export_bundle``) are tensors, arrays and JSON:
+Logged as the model's code ("models from code", by ``dprec.tracking.registry``), so it imports
+only mlflow, numpy, pandas, torch and safetensors, nothing of dprec, and nothing is pickled.
+Artifacts (``registry.export_bundle``): ``embeddings`` (safetensors ``user``, ``item``; score(u, i)
+= <user[u], item[i]>), ``train_items`` (npz CSR ``indptr``, ``indices``), ``ids`` (JSON original
+IDs in index order), ``popularity`` (npy training counts per item), ``config`` (JSON, informational).
 
-- ``embeddings``: safetensors file with ``user`` (n_users x d) and ``item`` (n_items x d) float32;
-  score(u, i) = <user[u], item[i]>;
-- ``train_items``: npz with ``indptr`` and ``indices``, the CSR of each user's training items;
-- ``ids``: JSON ``{"user_ids": [...], "item_ids": [...]}`` in index order;
-- ``popularity``: npy, training interactions per item (the fallback ranking and its score);
-- ``config``: JSON with the model config, dataset name and hash, and metrics (informational).
-
-Request: a DataFrame (JSON ``dataframe_records`` / ``dataframe_split`` over HTTP) with a
-``user_id`` column (strings; integers are accepted and converted, ``17`` -> ``"17"``) and an
-optional integer ``k`` column (default 10, at most the number of items). Response: one row
-per recommended item, ``user_id, rank (1-based), item_id, score, fallback``, request rows in
-order, never an item the user trained on (a user who trained on all but j < k items gets j rows).
-
-Unknown users: with MLflow model config ``unknown_user: "error"`` (default) the request fails
-with HTTP 400 naming the unknown users. With ``unknown_user: "popularity"`` an unknown user
-gets the k items with the most training interactions, ``score`` = that count and
-``fallback`` = True. The policy is chosen when the model is registered, or when loaded:
-``mlflow.pyfunc.load_model(uri, model_config={"unknown_user": "popularity"})``.
+Request: rows with ``user_id`` (string; integers are converted) and optional integer ``k``
+(default 10, at most the number of items). Response: ``user_id, rank (1-based), item_id, score,
+fallback`` per recommended item, request rows in order, never an item the user trained on.
+Unknown users: model config ``unknown_user: "error"`` (default) answers HTTP 400 naming them;
+``"popularity"`` gives the k most-trained items, score = count, ``fallback`` = True. Chosen at
+registration or at load: ``mlflow.pyfunc.load_model(uri, model_config={"unknown_user": "popularity"})``.
 """
 
 from __future__ import annotations

@@ -1,36 +1,23 @@
-"""MLflow tracking of training runs: config, curves, test metrics, system metrics, plots, grids.
+"""One MLflow run of a training: config, per-epoch curves, test metrics, system metrics, plots, grids.
 
-Where runs go: ``$MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<cwd>/mlflow.db`` (an absolute
-path, so a later ``cd`` does not move the store). With a local sqlite store the artifacts
-of experiment ``E`` go to ``<folder of mlflow.db>/mlruns/E``; against a tracking server
-(``cluster/start_mlflow_server.sh``, ``MLFLOW_TRACKING_URI=http://127.0.0.1:5000``) the
-server decides. Look at the runs with::
-
-    mlflow ui --backend-store-uri sqlite:///$PWD/mlflow.db --host 127.0.0.1 --port 5000
-
-Use from a trainer (every rank builds one; only rank 0 writes)::
+Every rank builds a tracker; only rank 0's is enabled and writes (DESIGN §5)::
 
     tracker = RunTracker(enabled=rank == 0)
-    tracker.start(cfg.as_dict(), run_name="lightgcn", experiment="dprec-baby",
-                  resume_run_id=None, deepspeed_config=ds_json, feature_manifest=manifest_path)
-    for epoch ...: tracker.log_epoch(row, step=epoch)
+    tracker.start(cfg.as_dict(), run_name="lightgcn", experiment="dprec-default",
+                  resume_run_id=None, deepspeed_config=ds_json, feature_manifest=manifests)
+    trainer.fit(observer=lambda row: tracker.log_epoch(row, step=row["epoch"]))
     tracker.log_test(result["test"], result["best_epoch"], valid=result["valid"])
-    tracker.register(trainer, result)          # dprec.registry: pyfunc + @champion / @challenger
+    tracker.register(trainer.trained_model(), result)   # dprec.tracking.registry: pyfunc + aliases
     tracker.finish(result["history"])
 
-Metric names are made MLflow-legal (``valid_recall@20`` -> ``valid_recall_at_20``); every
-per-epoch value is logged at ``step = epoch``, so a resumed run (``resume_run_id``) continues
-the same curves at later steps.
+Every per-epoch value is logged at ``step = epoch``, so a resumed run (``resume_run_id``)
+continues the same curves at later steps. :func:`dprec.tracking.fit.tracked_fit` does all of this.
 """
 
 from __future__ import annotations
 
-import csv
 import importlib.util
-import io
 import json
-import os
-import re
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -41,31 +28,16 @@ from typing import TYPE_CHECKING, Any
 import mlflow
 import yaml
 from mlflow.entities import Metric, Param, RunTag
-from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from dprec.tracking.plots import csv_text, grid_bar_png, markdown_table, training_curve_png
+from dprec.tracking.registry import Registration, register_model
+from dprec.tracking.store import ensure_experiment, metric_name, tracking_uri
+
 if TYPE_CHECKING:
-    from dprec.registry import Registration
-    from dprec.train import Trainer
+    from dprec.training.loop import TrainedModel
 
-DEFAULT_DB = "mlflow.db"
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value; the YAML artifact keeps the whole value
-_ILLEGAL_NAME_CHARS = re.compile(r"[^A-Za-z0-9_\-./ ]")
-
-
-def tracking_uri() -> str:
-    """``$MLFLOW_TRACKING_URI``, else an absolute sqlite URI for ``mlflow.db`` in the working folder."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd().resolve() / DEFAULT_DB}"
-
-
-def sqlite_path(uri: str) -> Path | None:
-    """The database file of a ``sqlite:///`` URI, None for any other store."""
-    return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
-
-
-def metric_name(key: str) -> str:
-    """An MLflow-legal metric name: ``valid_recall@20`` -> ``valid_recall_at_20``."""
-    return _ILLEGAL_NAME_CHARS.sub("_", key.replace("@", "_at_"))
 
 
 def numeric_items(row: Mapping[str, Any], prefix: str = "", skip: Sequence[str] = ()) -> dict[str, float]:
@@ -90,22 +62,6 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
-def ensure_experiment(name: str, client: MlflowClient, uri: str) -> str:
-    """Id of experiment ``name``, created if missing (artifacts beside a local sqlite store)."""
-    found = client.get_experiment_by_name(name)
-    if found is not None:
-        return found.experiment_id
-    db = sqlite_path(uri)
-    location = (db.parent / "mlruns" / re.sub(r"[^A-Za-z0-9_.-]", "_", name)).as_uri() if db else None
-    try:
-        return client.create_experiment(name, artifact_location=location)
-    except MlflowException:  # another process created it between our two calls
-        found = client.get_experiment_by_name(name)
-        if found is None:
-            raise
-        return found.experiment_id
-
-
 @contextmanager
 def scratch_dir() -> Iterator[Path]:
     """A temporary folder whose files are uploaded as artifacts, then deleted."""
@@ -117,73 +73,6 @@ def _read_json_or_dict(source: Mapping[str, Any] | str | Path) -> dict[str, Any]
     if isinstance(source, Mapping):
         return dict(source)
     return json.loads(Path(source).read_text(encoding="utf-8"))
-
-
-def training_curve_png(history: Sequence[Mapping[str, Any]], path: Path) -> Path:
-    """Loss and validation Recall@20 per epoch, best epoch marked (matplotlib, Agg backend)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_loss, ax_r20) = plt.subplots(1, 2, figsize=(10, 3.6))
-    loss_rows = [row for row in history if "loss" in row]
-    ax_loss.plot([r["epoch"] for r in loss_rows], [r["loss"] for r in loss_rows], marker=".")
-    ax_loss.set(xlabel="epoch", ylabel="training loss", title="loss")
-    valid_rows = [row for row in history if "valid_recall@20" in row]
-    epochs = [r["epoch"] for r in valid_rows]
-    values = [r["valid_recall@20"] for r in valid_rows]
-    ax_r20.plot(epochs, values, marker=".", color="tab:green")
-    if values:
-        best = max(range(len(values)), key=values.__getitem__)
-        ax_r20.axvline(epochs[best], color="grey", linestyle="--", label=f"best epoch {epochs[best]}")
-        ax_r20.legend()
-    ax_r20.set(xlabel="epoch", ylabel="Recall@20", title="validation Recall@20")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    """A GitHub markdown table of ``rows`` (columns in first-seen order, floats to 4 decimals)."""
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-
-    def cell(value: Any) -> str:
-        return f"{value:.4f}" if isinstance(value, float) else str(value)
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(row.get(c, "")) for c in columns) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
-
-
-def csv_text(rows: Sequence[Mapping[str, Any]]) -> str:
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buf.getvalue()
-
-
-def grid_bar_png(rows: Sequence[Mapping[str, Any]], label: str, metric: str, path: Path) -> Path:
-    """One bar per grid row: ``metric`` of each ``label``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = [str(row[label]) for row in rows]
-    values = [float(row[metric]) for row in rows]
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.8 * len(rows) + 2), 3.6))
-    bars = ax.bar(names, values, color="tab:blue")
-    ax.bar_label(bars, fmt="%.4f", fontsize=8)
-    ax.set(ylabel=metric, title=f"{metric} per {label}")
-    ax.tick_params(axis="x", labelrotation=30)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 class RunTracker:
@@ -258,13 +147,13 @@ class RunTracker:
         self._log_metrics(values, best_epoch)
         self.client.set_tag(self.run_id, "best_epoch", str(best_epoch))
 
-    def register(self, trainer: Trainer, result: Mapping[str, Any], unknown_user: str = "error") -> Registration | None:
-        """Log the trainer's model into this run as a pyfunc and register it (see :mod:`dprec.registry`)."""
+    def register(
+        self, trained: TrainedModel, result: Mapping[str, Any], unknown_user: str = "error"
+    ) -> Registration | None:
+        """Log ``trained`` into this run as a pyfunc and register it (see :mod:`dprec.tracking.registry`)."""
         if not self.active:
             return None
-        from dprec.registry import register_trainer
-
-        return register_trainer(trainer, result, run_id=self.run_id, unknown_user=unknown_user, uri=self.uri)
+        return register_model(trained, result, run_id=self.run_id, unknown_user=unknown_user, uri=self.uri)
 
     def log_grid(
         self,

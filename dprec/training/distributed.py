@@ -1,35 +1,45 @@
-"""Data-parallel training with DeepSpeed: the library side of ``launchers/train.py``.
+"""Data-parallel training with DeepSpeed: the library side of ``launchers/train.py`` (DESIGN §4).
 
 Every rank holds the full graph and model. Each epoch's global batches are split across ranks
 (``Trainer.epoch_batches``: same permutation and negatives on every rank, rank r takes the r-th
 part, every rank takes the same number of steps); DeepSpeed averages the gradients and
 partitions the optimizer state (ZeRO stage from the JSON). Evaluation is split over ranks by
-users and the metric sums are all-reduced. All ranks save checkpoints; only rank 0 prints,
-tracks and registers.
+users and the metric sums are all-reduced. All ranks save checkpoints; only rank 0 logs.
 
-Checkpoints (DeepSpeed format, ``<out>/checkpoints``): tag ``epoch-NNNN`` every
-``--save-every`` epochs and at the end, tag ``best`` when validation improves (without moving
-``latest``). The client state carries the loop state, the best weights and the tracking run
-id, so ``--resume`` continues from ``latest`` and reaches the same result as an uninterrupted
-run: shuffling, negatives and model noise are functions of (seed, epoch).
+Checkpoints (DeepSpeed format, ``<out>/checkpoints``): tag ``epoch-NNNN`` every ``save_every``
+epochs and at the end, tag ``best`` when validation improves (without moving ``latest``). The
+client state carries the loop state (with the tracking run id) and the best weights, so
+:meth:`DeepSpeedTrainer.resume` continues from ``latest`` and reaches the same result as an
+uninterrupted run. Reference: Rajbhandari et al., "ZeRO: Memory Optimizations Toward Training
+Trillion Parameter Models" (SC 2020).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import os
+import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from dprec.config import ConfigError
 from dprec.data.dataset import Dataset
-from dprec.train import FitState, RunConfig, Trainer
+from dprec.training.config import RunConfig
+from dprec.training.loop import FitState, Trainer
 
 CHECKPOINT_DIR = "checkpoints"
+
+
+def _on_rank_zero(record: logging.LogRecord) -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+logger = logging.getLogger(__name__)
+logger.addFilter(_on_rank_zero)  # this module's records come from rank 0 only
 
 
 def complete_deepspeed_config(ds_config: dict[str, Any], cfg: RunConfig, world: int) -> dict[str, Any]:
@@ -64,8 +74,23 @@ def complete_deepspeed_config(ds_config: dict[str, Any], cfg: RunConfig, world: 
     return out
 
 
+def init_distributed() -> torch.device:
+    """Start torch.distributed through DeepSpeed (gloo on CPU, the accelerator's backend otherwise); the device."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    backend = "gloo" if accelerator.device_name() == "cpu" else accelerator.communication_backend_name()
+    deepspeed.init_distributed(dist_backend=backend)
+    if accelerator.device_name() != "cpu":
+        return torch.device(accelerator.current_device_name())
+    return torch.device("cpu")
+
+
 class DeepSpeedTrainer(Trainer):
     """The Trainer with DeepSpeed's engine as optimiser and torch.distributed for evaluation sums."""
+
+    logger = logger
 
     def __init__(
         self,
@@ -76,23 +101,16 @@ class DeepSpeedTrainer(Trainer):
         ds: Dataset | None = None,
         features: dict[str, np.ndarray] | None = None,
     ):
-        import deepspeed
-        import torch.distributed as dist
-        from deepspeed.accelerator import get_accelerator
-
-        accelerator = get_accelerator()
-        backend = "gloo" if accelerator.device_name() == "cpu" else accelerator.communication_backend_name()
-        deepspeed.init_distributed(dist_backend=backend)
-        self.dist = dist
-        self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        if accelerator.device_name() != "cpu":
-            self.device = torch.device(accelerator.current_device_name())
-        self.ds_config = complete_deepspeed_config(ds_config, cfg, self.world)
+        device = init_distributed()
+        world = dist.get_world_size()
+        ds_config = complete_deepspeed_config(ds_config, cfg, world)  # refuse a bad JSON before loading data
+        super().__init__(cfg, ds, features, rank=dist.get_rank(), world=world, device=device)
+        self.ds_config = ds_config
         self.out = Path(out)
         self.checkpoint_dir = self.out / CHECKPOINT_DIR
         self.save_every = save_every
-        self.resumed_run_id: str | None = None
-        super().__init__(cfg, ds, features)
+        self.engine = None
+        self.build_optimizer()  # a collective call: every rank builds its engine now, before any resume
 
     def make_optimizer(self):
         import deepspeed
@@ -111,22 +129,13 @@ class DeepSpeedTrainer(Trainer):
     def reduce_sums(self, sums: dict[str, float]) -> dict[str, float]:
         keys = sorted(sums)
         values = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
-        self.dist.all_reduce(values)
+        dist.all_reduce(values)
         return dict(zip(keys, values.tolist(), strict=True))
 
-    def log(self, line: str) -> None:
-        if self.rank == 0:
-            print(line, flush=True)
-
     def client_state(self, state: FitState) -> dict[str, Any]:
-        return {
-            "fit_state": dataclasses.asdict(state),
-            "best_state": self.best_state,
-            "tracking_run_id": getattr(self.tracker, "run_id", None),
-        }
+        return {"fit_state": dataclasses.asdict(state), "best_state": self.best_state}
 
     def on_epoch_end(self, state: FitState, improved: bool) -> None:
-        super().on_epoch_end(state, improved)
         epoch = state.next_epoch - 1
         if improved:
             self.engine.save_checkpoint(
@@ -148,11 +157,5 @@ class DeepSpeedTrainer(Trainer):
             raise RuntimeError(f"--resume: DeepSpeed could not load {self.checkpoint_dir}/{latest.read_text().strip()}")
         state = FitState(**client["fit_state"])
         self.best_state = client["best_state"]
-        self.resumed_run_id = client.get("tracking_run_id")
-        self.log(f"resumed from {path} at epoch {state.next_epoch}")
+        self.logger.info(f"resumed from {path} at epoch {state.next_epoch}")
         return state
-
-
-def world_info() -> tuple[int, int]:
-    """(rank, world size) from the launcher's environment, before torch.distributed starts."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))

@@ -1,0 +1,157 @@
+"""Building blocks that the multimodal models (DPRec, MGCN, LGMRec) share.
+
+- modalities: ``check_modality_names`` (a config's ``modalities`` list), ``select_features`` (the chosen
+  feature matrices, float32, checked), ``register_feature_buffers`` / ``feature_buffer``;
+- graphs from the training pairs: ``unique_pairs``, ``user_mean_graph`` (out[u] = mean of x over u's items),
+  ``user_item_block`` (the user-item block R of Â, out[u] = sum_i x[i] / sqrt(d_u d_i));
+- propagation: ``propagate_rounds`` (x after n rounds over a graph, the last round kept), ``memory_rounds``
+  (users start as the mean of their items, then rounds over Â), ``hypergraph_rounds``;
+- layers: ``AttentionGate`` (per-node softmax of q^T tanh(W h + b) over candidates, MGCN), ``projection``
+  (the per-modality MLP of DPRec), ``xavier`` (a Xavier-uniform parameter);
+- losses: ``info_nce`` (cosine InfoNCE), ``norm_penalty`` (LGMRec's reg_loss); ``gumbel_or_soft``.
+
+BPR and the squared L2 penalty are in ``dprec.models.base``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dprec.graph import PropagationGraph, build_weighted_graph, hypergraph_conv
+from dprec.models.base import ModelContext
+
+
+def check_modality_names(modalities: list[str] | None) -> None:
+    """Raise a ValueError unless ``modalities`` is None or a list of distinct, non-empty names without '.'."""
+    if modalities is None:
+        return
+    if not isinstance(modalities, list | tuple) or not all(
+        isinstance(m, str) and m and "." not in m for m in modalities
+    ):
+        raise ValueError(f"modalities must be null or a list of non-empty names without '.', got {modalities!r}")
+    if len(set(modalities)) != len(modalities):
+        raise ValueError(f"modalities must not repeat a name, got {modalities}")
+
+
+def select_features(features: dict[str, np.ndarray], modalities: list[str] | None, n_items: int) -> dict[str, Tensor]:
+    """The chosen modalities' features as float32 tensors (all of ``features`` when ``modalities`` is None), checked."""
+    names = list(features) if modalities is None else list(modalities)
+    check_modality_names(names)
+    missing = [name for name in names if name not in features]
+    if missing:
+        raise ValueError(f"feature view(s) {missing} not found; available: {sorted(features)}")
+    out = {}
+    for name in names:
+        matrix = torch.as_tensor(np.asarray(features[name]), dtype=torch.float32)
+        if matrix.dim() != 2 or matrix.shape[0] != n_items:
+            raise ValueError(f"feature view {name!r}: expected shape ({n_items}, d), got {tuple(matrix.shape)}")
+        if not torch.isfinite(matrix).all():
+            raise ValueError(f"feature view {name!r}: {int((~torch.isfinite(matrix)).any(1).sum())} rows hold NaN/inf")
+        out[name] = matrix
+    return out
+
+
+def register_feature_buffers(module: nn.Module, features: dict[str, Tensor]) -> None:
+    """Hold each modality's features as buffer ``features_<name>``, not persistent: they come from the shards at
+    load time, not from the checkpoint."""
+    for name, matrix in features.items():
+        module.register_buffer(f"features_{name}", matrix, persistent=False)
+
+
+def feature_buffer(module: nn.Module, name: str) -> Tensor:
+    """The features of modality ``name`` held by ``register_feature_buffers`` (on the module's device)."""
+    return getattr(module, f"features_{name}")
+
+
+def unique_pairs(ctx: ModelContext) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct training (user, item) pairs: a pair seen twice is one interaction, as in ``build_user_item_graph``."""
+    pairs = np.unique(np.stack([np.asarray(ctx.train_users), np.asarray(ctx.train_items)], 1).astype(np.int64), axis=0)
+    return pairs[:, 0], pairs[:, 1]
+
+
+def user_mean_graph(ctx: ModelContext) -> PropagationGraph:
+    """items -> users: out[u] = mean of x[i] over u's training items (0 for a user without items)."""
+    users, items = unique_pairs(ctx)
+    degree = np.bincount(users, minlength=ctx.n_users).astype(np.float32)
+    scale = np.divide(1.0, degree, out=np.zeros_like(degree), where=degree > 0)
+    return build_weighted_graph(ctx.n_items, ctx.n_users, items, users, None, ctx.graph_backend, dst_scale=scale)
+
+
+def user_item_block(ctx: ModelContext) -> PropagationGraph:
+    """items -> users: the user-item block of Â, out[u] = sum_i x[i] / sqrt(d_u d_i) (MGCN's R)."""
+    users, items = unique_pairs(ctx)
+    user_scale, item_scale = (
+        np.where(d > 0, 1.0 / np.sqrt(np.maximum(d, 1)), 0.0).astype(np.float32)
+        for d in (np.bincount(users, minlength=ctx.n_users), np.bincount(items, minlength=ctx.n_items))
+    )
+    return build_weighted_graph(
+        ctx.n_items, ctx.n_users, items, users, None, ctx.graph_backend, src_scale=item_scale, dst_scale=user_scale
+    )
+
+
+def propagate_rounds(graph: PropagationGraph, x: Tensor, n_rounds: int) -> Tensor:
+    """x after ``n_rounds`` rounds over ``graph`` (the last round kept, not a mean over rounds as LightGCN)."""
+    for _ in range(n_rounds):
+        x = graph.propagate(x)
+    return x
+
+
+def memory_rounds(ui_graph: PropagationGraph, user_mean: PropagationGraph, items: Tensor, n_rounds: int) -> Tensor:
+    """[users; items] after ``n_rounds`` over Â, users starting as the mean of their items (LGMRec's modality part)."""
+    return propagate_rounds(ui_graph, torch.cat([user_mean.propagate(items), items]), n_rounds)
+
+
+def hypergraph_rounds(incidence: Tensor, x: Tensor, n_rounds: int, backend: str) -> tuple[Tensor, Tensor]:
+    """(nodes, hyperedges) after ``n_rounds`` hypergraph convolutions node -> hyperedge -> node from x (n_rounds >= 1)."""
+    for _ in range(n_rounds):
+        x, hyperedges = hypergraph_conv(incidence, x, backend)
+    return x, hyperedges
+
+
+def info_nce(
+    anchor: Tensor, positive: Tensor, tau: float, candidates: Tensor | None = None, reduction: str = "mean"
+) -> Tensor:
+    """InfoNCE over cosine similarities: -log( exp(cos(a_i, p_i)/tau) / sum_j exp(cos(a_i, c_j)/tau) ).
+
+    The candidates c are the positives (in-batch negatives, MGCN) unless given (LGMRec: all nodes).
+    ``reduction`` "mean" (MGCN) or "sum" (LGMRec) over the anchors.
+    """
+    a, p = F.normalize(anchor, dim=1), F.normalize(positive, dim=1)
+    c = p if candidates is None else F.normalize(candidates, dim=1)
+    loss = torch.logsumexp(a @ c.T / tau, dim=1) - (a * p).sum(1) / tau
+    return loss.mean() if reduction == "mean" else loss.sum()
+
+
+def norm_penalty(*tensors: Tensor) -> Tensor:
+    """LGMRec's reg_loss: sum of the (not squared) L2 norms of the matrices, divided by the batch size."""
+    return sum(torch.linalg.norm(t) for t in tensors) / tensors[-1].shape[0]
+
+
+def gumbel_or_soft(logits: Tensor, tau: float, gumbel: bool) -> Tensor:
+    """Gumbel-softmax(logits, tau) when ``gumbel`` (training), else the noise-free softmax(logits / tau)."""
+    return F.gumbel_softmax(logits, tau=tau, dim=1, hard=False) if gumbel else torch.softmax(logits / tau, dim=1)
+
+
+class AttentionGate(nn.Module):
+    """Per-node softmax over candidate embeddings of q^T tanh(W h + b) (MGCN's ``query_common``)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.score = nn.Sequential(nn.Linear(dim, dim), nn.Tanh(), nn.Linear(dim, 1, bias=False))
+
+    def forward(self, candidates: Tensor) -> Tensor:
+        """candidates: (n_candidates, n_nodes, d) -> (n_nodes, d), a convex combination per node."""
+        return (torch.softmax(self.score(candidates), dim=0) * candidates).sum(0)
+
+
+def projection(d_in: int, hidden: int, d_out: int) -> nn.Sequential:
+    """The per-modality MLP; its output is centred over items, which would cancel a bias on the last layer."""
+    return nn.Sequential(nn.Linear(d_in, hidden), nn.LeakyReLU(), nn.Linear(hidden, d_out, bias=False))
+
+
+def xavier(rows: int, cols: int) -> nn.Parameter:
+    """A (rows x cols) parameter, Xavier-uniform initialised."""
+    return nn.Parameter(nn.init.xavier_uniform_(torch.empty(rows, cols)))

@@ -1,0 +1,68 @@
+"""Register a model bundle in the MLflow registry, or re-settle a registered model's aliases (DESIGN §5).
+
+    python -m dprec.register register --bundle <bundle folder> [--run-id RUN] [--unknown-user popularity]
+    python -m dprec.register settle --name dprec-default
+
+``register`` logs a folder written by :func:`dprec.tracking.registry.export_bundle` as a pyfunc
+(into ``--run-id``, else a new run) and registers it as ``dprec-<dataset>``; ``settle``
+recomputes ``@champion`` / ``@challenger`` from the versions' tags, e.g. after tagging a
+version ``champion_eligible=false`` (a rollback). The store is ``$MLFLOW_TRACKING_URI``, else
+``sqlite:///$PWD/mlflow.db``. Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from dprec.config import ConfigError, run_stage
+from dprec.io import log_to_console
+from dprec.tracking.registry import UNKNOWN_USER_POLICIES, log_and_register, registry_lock, settle_aliases
+from dprec.tracking.store import tracking_uri
+
+logger = logging.getLogger(__name__)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dprec.register", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    reg = sub.add_parser("register", help="log a bundle folder as a pyfunc and register it")
+    reg.add_argument("--bundle", required=True, type=Path, help="folder written by export_bundle")
+    reg.add_argument("--run-id", help="MLflow run to log the model into (default: a new run)")
+    reg.add_argument(
+        "--unknown-user",
+        choices=UNKNOWN_USER_POLICIES,
+        default="error",
+        help="answer for users the model has not seen: an HTTP 400 error or the popularity list",
+    )
+    settle = sub.add_parser("settle", help="recompute @champion / @challenger of a registered model")
+    settle.add_argument("--name", required=True, help="registered model name, e.g. dprec-default")
+    args = parser.parse_args(argv)
+    log_to_console()
+    uri = tracking_uri()
+
+    def body() -> int:
+        if args.command == "register":
+            if not args.bundle.is_dir():
+                raise ConfigError(f"--bundle {args.bundle}: not a model bundle folder (written by export_bundle)")
+            result = log_and_register(args.bundle, run_id=args.run_id, unknown_user=args.unknown_user, uri=uri)
+            print(json.dumps(result.__dict__))
+            return 0
+        try:
+            with registry_lock(uri):
+                champion = settle_aliases(MlflowClient(uri), args.name)
+        except MlflowException as exc:
+            raise ConfigError(exc.message) from exc
+        print(json.dumps({"name": args.name, "champion": champion}))
+        return 0
+
+    return run_stage("register", body)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

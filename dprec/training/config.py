@@ -1,0 +1,109 @@
+"""The run config: which data, which features, which model, how to train, where to write.
+
+A run config is YAML (e.g. ``configs/default/lightgcn.yaml``) read into :class:`RunConfig` by
+:func:`load_config`, with ``--set a.b=value`` overrides laid over it (:func:`dprec.config.merge`,
+:func:`dprec.config.parse_overrides`). :func:`dprec.config.from_dict` refuses unknown keys and
+checks every value against its annotation (allowed values are ``Literal`` types); range checks
+live in ``__post_init__``. The ``model`` section is validated against the chosen model's config
+class (``dprec.models.MODELS``) when the config is loaded, before any data is read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from dprec.config import check_types, from_dict, load_yaml, merge, parse_overrides, to_dict
+from dprec.models import MODELS
+from dprec.training.metrics import DEFAULT_KS
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and evaluation settings (MMRec's defaults)."""
+
+    epochs: int = 1000
+    """Upper bound on epochs; early stopping usually ends the run sooner."""
+    batch_size: int = 2048
+    """Positive pairs per step (each with one sampled negative)."""
+    lr: float = 1e-3
+    """Adam learning rate."""
+    lr_decay: float = 1.0
+    """Step decay: the learning rate of epoch e is lr * lr_decay ** (e // lr_decay_every) (MGCN: 0.96 per 50)."""
+    lr_decay_every: int = 50
+    seed: int = 2024
+    """Seeds model initialisation and every epoch's shuffling and negative sampling."""
+    patience: int = 20
+    """Evaluations without a better validation Recall@20 before stopping."""
+    eval_every: int = 1
+    """Epochs between validation evaluations."""
+    ks: tuple[int, ...] = DEFAULT_KS
+    """Cut-offs of the reported metrics; 20 must be among them (model selection)."""
+    eval_chunk_size: int = 2048
+    """Users scored at once during evaluation."""
+    graph_backend: Literal["dgl", "torch"] = "dgl"
+    """Graph implementation: "dgl" or "torch" (torch.sparse)."""
+    threads: int = 0
+    """torch intra-op threads; 0 keeps torch's default."""
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        self.ks = tuple(int(k) for k in self.ks)
+        if not 0 < self.lr_decay <= 1:
+            raise ValueError(f"train.lr_decay must lie in (0, 1], got {self.lr_decay}")
+        for name in ("epochs", "batch_size", "patience", "eval_every", "eval_chunk_size", "lr_decay_every"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"train.{name} must be positive, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"train.lr must be positive, got {self.lr}")
+        if 20 not in self.ks:
+            raise ValueError(f"train.ks must contain 20 (model selection uses Recall@20), got {self.ks}")
+
+
+@dataclass
+class RunConfig:
+    """A whole training run: which data, which model, how to train, where to write."""
+
+    dataset: str = ""
+    """Canonical dataset folder (written by python -m dprec.prepare)."""
+    out: str = "runs/default"
+    """Run folder: resolved config, best model state and metrics are written here."""
+    features: dict[str, str] = field(default_factory=dict)
+    """Item feature modalities: ``name: <shard folder>`` or ``name: <shard folder>#<modality>`` (the
+    modality defaults to the name), e.g. ``text: data_shards/default/llm``. Empty = IDs only."""
+    model: dict[str, Any] = field(default_factory=lambda: {"name": "lightgcn"})
+    """``name`` picks the model (see dprec.models.MODELS, default lightgcn); other keys are its hyper-parameters."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        if not self.dataset:
+            raise ValueError("dataset: a dataset folder is required")
+        self.model = {"name": "lightgcn", **self.model}
+        name = self.model["name"]
+        if name not in MODELS:
+            raise ValueError(f"model.name must be one of {sorted(MODELS)}, got {name!r}")
+
+    def model_config(self):
+        _, cfg_cls = MODELS[self.model["name"]]
+        params = {k: v for k, v in self.model.items() if k != "name"}
+        return from_dict(cfg_cls, params, f"model ({self.model['name']})")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "dataset": self.dataset,
+            "out": self.out,
+            "features": dict(self.features),
+            "model": dict(self.model),
+            "train": to_dict(self.train),
+        }
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """The run config of YAML file ``path`` (or none) with ``key.sub=value`` ``overrides`` laid over it."""
+    data = load_yaml(path) if path else {}
+    data = merge(data, parse_overrides(overrides or []))
+    cfg = from_dict(RunConfig, data, str(path or "config"))
+    cfg.model_config()  # validate the model section now, not after the data is loaded
+    return cfg
