@@ -42,7 +42,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=1, help="uvicorn workers of mlflow models serve")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    check_limits(parser, args)
+    return args
+
+
+def check_limits(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse a load the served model would answer with 400s (its request limits, serving.DEFAULT_LIMITS)."""
+    from dprec.tracking.registry import SERVING_LIMITS
+
+    limits = {
+        "--users-per-request": (args.users_per_request, SERVING_LIMITS["max_users_per_request"]),
+        "--k": (args.k, min(SERVING_LIMITS["max_k"], 400)),  # 400 items in the embedded default dataset
+        "--users-per-request x --k": (args.users_per_request * args.k, SERVING_LIMITS["max_results_per_request"]),
+    }
+    for flag, (value, limit) in limits.items():
+        if not 1 <= value <= limit:
+            parser.error(f"{flag} must be between 1 and {limit} (the served model's request limit), got {value}")
 
 
 def train_and_register(store: Path, epochs: int):

@@ -91,7 +91,9 @@ def run_demo(args: argparse.Namespace) -> int:
     data = workdir / "data" / "default"
 
     run_step(
-        "1/5 prepare: embedded default dataset", [python, "-m", "dprec.prepare", "synthetic", "--out", str(data)], env
+        "1/5 prepare: embedded default dataset",
+        [python, "-m", "dprec.prepare", "synthetic", "--out", str(data), "--overwrite"],
+        env,
     )
     extract = last_json(
         run_step(

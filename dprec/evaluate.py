@@ -3,7 +3,8 @@
     python -m dprec.evaluate --run runs/default/lightgcn [--split test] [--chunk-size 2048]
 
 ``--run`` is a run folder written by ``python -m dprec.train`` or ``launchers/train.py``
-(:mod:`dprec.training.run`; refused if the dataset changed since). Prints one JSON object:
+(:mod:`dprec.training.run`; refused, in one ``evaluate: error: ...`` line and exit code 2, if it
+is missing, is not a run folder or its dataset changed since). Prints one JSON object:
 Recall@K, NDCG@K and Precision@K for the run's ``train.ks``, as defined in
 :mod:`dprec.training.metrics`.
 """
@@ -23,11 +24,24 @@ from dprec.training.run import load_run
 logger = logging.getLogger(__name__)
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dprec.evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("--run", required=True, type=Path, help="run folder written by python -m dprec.train")
     parser.add_argument("--split", choices=("valid", "test"), default="test")
-    parser.add_argument("--chunk-size", type=int, default=2048)
+    parser.add_argument(
+        "--chunk-size", type=positive_int, default=2048, help="users scored at once (memory: chunk x items scores)"
+    )
     args = parser.parse_args(argv)
     log_to_console()
 

@@ -13,7 +13,8 @@ On a cluster (``cluster/ray-cluster.yaml``; the runtime env keeps outputs and .v
 MMRec features: ``python -m dprec.extract import-mmrec --dataset data/baby --text-feat text_feat.npy
 --out data_shards/baby/mmrec``. Flags come from :mod:`dprec.features.config`. A rerun computes
 only the shards the manifest does not list; progress goes to stdout line by line (``ray job
-logs``), the last line is one JSON summary. ``main`` returns 0, or 2 with the error on stderr.
+logs``), the last line is one JSON summary. ``main`` returns 0, or 2 with the error on stderr as one
+``extract: error: ...`` line (the user's mistakes, OS errors included, never as a traceback).
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dprec.config import add_arguments, args_dict, from_args, from_dict, run_stage
+from dprec.config import DPRecError, add_arguments, args_dict, from_args, from_dict, run_stage
 from dprec.features.config import ExtractConfig, ImageConfig, MMRecImportConfig, TextConfig
-from dprec.features.pipeline import import_mmrec, run_extract
+from dprec.features.hf import one_line
+from dprec.features.pipeline import ExtractError, import_mmrec, run_extract
 from dprec.io import log_to_console
 
 TEXT, IMAGE = "text_", "image_"  # flag prefixes of the two modalities' configs
@@ -58,10 +60,15 @@ def main(argv: list[str] | None = None) -> int:
     log_to_console()
 
     def body() -> int:
-        if argv[:1] == ["import-mmrec"]:
-            summary = import_mmrec(from_args(MMRecImportConfig, _mmrec_parser().parse_args(argv[1:])))
-        else:
-            summary = run_extract(config_from_args(_extract_parser().parse_args(argv)))
+        try:
+            if argv[:1] == ["import-mmrec"]:
+                summary = import_mmrec(from_args(MMRecImportConfig, _mmrec_parser().parse_args(argv[1:])))
+            else:
+                summary = run_extract(config_from_args(_extract_parser().parse_args(argv)))
+        except DPRecError as exc:  # a message from a library (a model's loader, Ray) may span lines: one line
+            if "\n" not in str(exc):
+                raise
+            raise ExtractError(one_line(exc, 1000)) from exc
         print(summary.line(), flush=True)
         return 0
 

@@ -1,8 +1,9 @@
-"""What every stage shares for files and the console: atomic writes, hashing, safe names, console logging.
+"""What every stage shares for files and the console: atomic writes (files and folders), hashing, safe names, logging.
 
 An atomic write goes to a hidden temporary file beside the target (prefix ``.tmp-``), is flushed and
 fsynced, then renamed over the target: a reader sees the old file or the new one, never half of one,
-and a crash leaves only a temporary that ``remove_temporaries`` clears. Library code only logs
+and a crash leaves only a temporary that ``remove_temporaries`` clears. ``atomic_write_folder`` does
+the same for a whole folder (a hidden sibling, renamed into place). Library code only logs
 (``logging.getLogger(__name__)``); ``log_to_console`` (each stage's ``main``, and Ray actors) shows the
 ``dprec`` records as plain lines on the *current* stdout (below WARNING) and stderr.
 """
@@ -13,6 +14,7 @@ import hashlib
 import logging
 import os
 import re
+import shutil
 import sys
 import tempfile
 from collections.abc import Callable
@@ -97,3 +99,70 @@ def log_to_console(level: int = logging.INFO) -> None:
         handler = _ConsoleHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
+
+
+# ---------------------------------------------------------------------------------------------- folders
+
+
+def fsync_dir(folder: str | Path) -> None:
+    """fsync a directory, so that renames inside it survive a crash (a no-op where the OS refuses)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def is_within(path: str | Path, folder: str | Path) -> bool:
+    """True if ``path`` is ``folder`` or lies under it (both resolved, symlinks followed)."""
+    path, folder = Path(path).resolve(), Path(folder).resolve()
+    return path == folder or folder in path.parents
+
+
+def atomic_write_folder(folder: str | Path, fill: Callable[[Path], object], replace: bool = False) -> Path:
+    """Build a whole folder atomically: ``fill(tmp)`` writes into a hidden sibling, which is renamed onto ``folder``.
+
+    The sibling is ``.tmp-<name>.<random>`` in ``folder``'s parent (created, with its parents, if missing).
+    A reader of ``folder`` sees the old folder or the complete new one, never a mix: if ``fill`` fails
+    (a full disk, an exception) the sibling is deleted and ``folder`` is untouched. An existing empty
+    ``folder`` is replaced; a non-empty one only with ``replace`` (it is first renamed aside, the new folder
+    renamed in, then the old one deleted; if the second rename fails the old one is put back), otherwise
+    :class:`FileExistsError`. Returns ``folder``.
+    """
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f"{TMP_PREFIX}{folder.name}."))
+    aside: Path | None = None
+    try:
+        os.chmod(tmp, 0o755)
+        fill(tmp)
+        for p in tmp.rglob("*"):
+            if p.is_file():
+                with open(p, "rb") as f:
+                    os.fsync(f.fileno())
+        fsync_dir(tmp)
+        if folder.is_dir() and any(folder.iterdir()):
+            if not replace:
+                raise FileExistsError(17, "folder exists and is not empty", str(folder))
+            aside = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f"{TMP_PREFIX}{folder.name}.old."))
+            os.replace(folder, aside)
+            try:
+                os.replace(tmp, folder)
+            except BaseException:
+                os.replace(aside, folder)
+                aside = None
+                raise
+        else:
+            os.replace(tmp, folder)  # onto a missing or empty folder
+        fsync_dir(folder.parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        if aside is not None and aside.exists():
+            shutil.rmtree(aside, ignore_errors=True)
+    return folder

@@ -13,7 +13,17 @@ Splits are described in ``dprec.data.splits``, the table mapping in ``dprec.data
 Bad input is skipped and counted, or refused with an error naming ``path:line`` (``--strict``
 refuses every skip); the rules, more commands and the table of cases: docs/data-and-features.md.
 The counts are in ``dataset.json`` (``skipped``) and in the one-line JSON summary printed last;
-``main`` returns 0, or 1 with ``prepare: error: ...`` on stderr.
+``main`` returns 0, or 2 with one ``prepare: error: ...`` line on stderr.
+
+The source data is never put at risk: an ``--out`` that is an input file, holds one (an input's
+folder or any folder above it) or lies inside an MMRec source folder is refused before anything
+is read. The dataset folder is written whole to a hidden sibling and renamed into place at the
+end (``dprec.data.dataset.save_dataset``), so a failure midway (a full disk) leaves any old folder
+as it was; an existing dataset folder is replaced only with ``--overwrite``, and a non-empty
+folder that is not a dataset folder never. A dataset that cannot be trained and evaluated (no
+validation or test interactions, fewer items than the largest cut-off K) is written, but the
+summary's ``warnings`` (and stderr) say so; the trainer refuses it with
+``dprec.data.dataset.check_trainable``.
 """
 
 from __future__ import annotations
@@ -25,8 +35,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from dprec.config import ConfigError, add_arguments, args_dict, from_args, run_stage
-from dprec.data.dataset import Dataset, save_dataset
+from dprec.data.dataset import Dataset, DatasetError, check_target, save_dataset, trainability_problems
 from dprec.data.readers import (
     BuildOptions,
     RawData,
@@ -37,14 +49,18 @@ from dprec.data.readers import (
     read_mmrec,
     read_table_source,
 )
+from dprec.data.readers.table import TableSpec, preset_path
 from dprec.data.schema import SPLIT_NAMES
-from dprec.io import log_to_console
+from dprec.io import TMP_PREFIX, log_to_console
 
 log = logging.getLogger(__name__)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="dataset folder to write")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace the dataset folder --out if it already holds one"
+    )
     parser.add_argument("--name", help="dataset name (default: from the source)")
     add_arguments(parser, BuildOptions)
     add_arguments(parser, SkipLog)
@@ -147,7 +163,75 @@ def _table_overrides(args: argparse.Namespace, keep_cold_items: bool | None) -> 
     )
 
 
-def read_source(args: argparse.Namespace, options: BuildOptions, skips: SkipLog) -> RawData:
+def table_spec(args: argparse.Namespace, keep_cold_items: bool | None) -> TableSpec:
+    return load_spec(args.preset, _table_overrides(args, keep_cold_items))
+
+
+def declared_inputs(args: argparse.Namespace, spec: TableSpec | None = None) -> tuple[list[Path], list[Path]]:
+    """(files, source folders) that the command line names, before anything is read."""
+    files: list[Path] = []
+    folders: list[Path] = []
+    if args.source == "mmrec":
+        folders.append(args.folder)
+        for given in (args.inter, args.item_ids, args.image_urls, args.user_sequence, args.item_keywords):
+            if given and given != "none":
+                files += [Path(given), args.folder / given]
+    elif args.source == "amazon":
+        files += [args.reviews, *([args.meta] if args.meta else [])]
+    elif args.source == "table" and spec is not None:
+        if args.preset:
+            try:
+                files.append(preset_path(args.preset))
+            except ConfigError:
+                pass
+        tables = [spec.interactions.path]
+        if spec.items is not None:
+            tables += [spec.items.path, *(j.get("path") for j in spec.items.joins if isinstance(j, dict))]
+        files += [Path(t) if Path(t).is_absolute() else args.root / t for t in tables if t]
+    return files, folders
+
+
+def refuse_inputs(out: Path, files: list[str | Path], folders: list[str | Path] = ()) -> None:
+    """Raise :class:`DatasetError` if writing the dataset folder ``out`` could overwrite or replace an input."""
+    target = out.resolve()
+    for file in files:
+        path = Path(file).resolve()
+        if path == target:
+            raise DatasetError(
+                f"--out {out} is the input {path}; writing the dataset there would destroy it. Choose another --out"
+            )
+        if target in path.parents:
+            raise DatasetError(
+                f"--out {out} holds the input {path}; writing the dataset there would replace your source data. "
+                "Choose another --out"
+            )
+    for folder in folders:
+        path = Path(folder).resolve()
+        if path == target or target in path.parents:
+            raise DatasetError(
+                f"--out {out} is or holds the input folder {path}; writing the dataset there would replace your "
+                "source data. Choose another --out"
+            )
+        if path in target.parents:
+            raise DatasetError(
+                f"--out {out} is inside the input folder {path}; write the dataset outside the source data. "
+                "Choose another --out"
+            )
+
+
+def _image_files(ds: Dataset) -> list[str]:
+    """One referenced local image file per folder (enough to tell whether --out holds any)."""
+    paths = ds.items["image_path"]
+    paths = paths[paths != ""]
+    if paths.empty:
+        return []
+    firsts = pd.Series(paths.to_numpy()).groupby(paths.map(lambda p: str(Path(p).parent)).to_numpy()).first()
+    return [p for p in firsts if Path(p).is_absolute()]
+
+
+def read_source(
+    args: argparse.Namespace, options: BuildOptions, skips: SkipLog, spec: TableSpec | None = None
+) -> RawData:
     """Dispatch to the reader of ``args.source``."""
     if args.source == "mmrec":
         return read_mmrec(
@@ -167,16 +251,20 @@ def read_source(args: argparse.Namespace, options: BuildOptions, skips: SkipLog)
             image_template=args.image_template,
             keep_cold_items=bool(options.keep_cold_items),
         )
-    spec = load_spec(args.preset, _table_overrides(args, options.keep_cold_items))
+    spec = spec if spec is not None else table_spec(args, options.keep_cold_items)
     if spec.items is None and options.keep_cold_items:
         raise ConfigError("--keep-cold-items needs an item table (--items or a preset with items)")
     return read_table_source(spec, args.root, skips)
 
 
 def prepare(args: argparse.Namespace) -> tuple[Dataset, SkipLog]:
-    """Read, build and write the dataset that ``args`` describe."""
+    """Check ``--out``, then read, build and write the dataset that ``args`` describe."""
     skips = from_args(SkipLog, args)
     options = from_args(BuildOptions, args)
+    overwrite = bool(getattr(args, "overwrite", False))
+    spec = table_spec(args, options.keep_cold_items) if args.source == "table" else None
+    refuse_inputs(args.out, *declared_inputs(args, spec))
+    check_target(args.out, overwrite)  # before reading: a refusal should not wait for a long read
     if args.source == "synthetic":
         from dprec.data.synthetic import SyntheticSpec, generate
 
@@ -184,16 +272,24 @@ def prepare(args: argparse.Namespace) -> tuple[Dataset, SkipLog]:
         spec = SyntheticSpec() if seed is None else SyntheticSpec(seed=seed)
         ds = generate(spec, split=options.split or "random")
     else:
-        raw = read_source(args, options, skips)
+        raw = read_source(args, options, skips, spec)
         if args.name:
             raw.name = args.name
         ds = build_dataset(raw, options, skips)
+        refuse_inputs(args.out, [*raw.inputs, *_image_files(ds)], raw.source_folders)
     ds.meta["prepare"] = {
         k: str(v) if isinstance(v, Path) else v
         for k, v in sorted(vars(args).items())
-        if v not in (None, [], False) and k != "out"
+        if v not in (None, [], False) and k not in ("out", "overwrite")
     }
-    save_dataset(ds, args.out)
+    try:
+        save_dataset(ds, args.out, overwrite=overwrite)
+    except OSError as exc:
+        # the file is named unless it is one of the hidden temporaries the write makes
+        where = f"{exc.filename}: " if exc.filename and TMP_PREFIX not in str(exc.filename) else ""
+        raise DatasetError(
+            f"cannot write the dataset folder {args.out}: {where}{exc.strerror or exc}; nothing was changed there"
+        ) from exc
     return ds, skips
 
 
@@ -208,6 +304,7 @@ def summary(ds: Dataset, out: Path, seconds: float) -> dict[str, Any]:
         "skipped": ds.meta.get("skipped", {}),
         "kcore_removed": ds.meta.get("kcore_removed_interactions", 0),
         "content_hash": ds.meta["content_hash"],
+        "warnings": trainability_problems(ds),
         "seconds": round(seconds, 2),
     }
 
@@ -222,7 +319,10 @@ def main(argv: list[str] | None = None) -> int:
         ds, skips = prepare(args)
         for message in skips.examples:
             log.warning("prepare: skipped %s", message)
-        print(json.dumps(summary(ds, args.out, time.perf_counter() - start)), flush=True)
+        result = summary(ds, args.out, time.perf_counter() - start)
+        for message in result["warnings"]:
+            log.warning("prepare: warning: %s", message)
+        print(json.dumps(result), flush=True)
         return 0
 
     return run_stage("prepare", body)

@@ -8,6 +8,12 @@
 recomputes ``@champion`` / ``@challenger`` from the versions' tags, e.g. after tagging a
 version ``champion_eligible=false`` (a rollback). The store is ``$MLFLOW_TRACKING_URI``, else
 ``sqlite:///$PWD/mlflow.db``. Prints one JSON object.
+
+The user's own mistakes are one ``register: error: ...`` line and exit code 2, never a traceback:
+a folder that is not a bundle or a bundle that fails :func:`~dprec.tracking.registry.check_bundle`
+(nothing is logged then), an unknown ``--run-id``, ``settle`` of a model that is not registered,
+and ``settle`` against a local sqlite store that does not exist (it only reads, so it does not
+create one; ``register`` writes and may).
 """
 
 from __future__ import annotations
@@ -22,8 +28,15 @@ from mlflow.tracking import MlflowClient
 
 from dprec.config import ConfigError, run_stage
 from dprec.io import log_to_console
-from dprec.tracking.registry import UNKNOWN_USER_POLICIES, log_and_register, registry_lock, settle_aliases
-from dprec.tracking.store import tracking_uri
+from dprec.tracking.registry import (
+    UNKNOWN_USER_POLICIES,
+    cut,
+    log_and_register,
+    registry_lock,
+    settle_aliases,
+    shown,
+)
+from dprec.tracking.store import require_store, tracking_uri
 
 logger = logging.getLogger(__name__)
 
@@ -50,14 +63,29 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "register":
             if not args.bundle.is_dir():
                 raise ConfigError(f"--bundle {args.bundle}: not a model bundle folder (written by export_bundle)")
-            result = log_and_register(args.bundle, run_id=args.run_id, unknown_user=args.unknown_user, uri=uri)
+            try:
+                result = log_and_register(args.bundle, run_id=args.run_id, unknown_user=args.unknown_user, uri=uri)
+            except MlflowException as exc:
+                raise ConfigError(f"MLflow ({uri}): {cut(exc.message)}") from exc
             print(json.dumps(result.__dict__))
             return 0
+        require_store(uri)
+        client = MlflowClient(uri)
+        try:
+            client.get_registered_model(args.name)
+        except MlflowException as exc:
+            if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                raise ConfigError(f"MLflow ({uri}): {cut(exc.message)}") from None
+            known = [m.name for m in client.search_registered_models(max_results=10)]
+            raise ConfigError(
+                f"--name {shown(args.name)}: no such registered model in {uri} ({cut(exc.message, 100)}); "
+                f"registered: {known or 'none'}"
+            ) from None
         try:
             with registry_lock(uri):
-                champion = settle_aliases(MlflowClient(uri), args.name)
+                champion = settle_aliases(client, args.name)
         except MlflowException as exc:
-            raise ConfigError(exc.message) from exc
+            raise ConfigError(cut(exc.message)) from exc
         print(json.dumps({"name": args.name, "champion": champion}))
         return 0
 

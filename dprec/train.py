@@ -5,8 +5,11 @@
 The run config (:class:`dprec.training.config.RunConfig`) names the dataset, features, model and
 training settings; ``--set`` overrides its keys. The run folder ``out`` receives config.yaml,
 model.pt and metrics.json (:mod:`dprec.training.run`); the MLflow run and the registration of
-``dprec-<dataset>`` follow :mod:`dprec.tracking`. Per-epoch lines go to stdout; the last line
-is one JSON object (run folder, best epoch, test metrics, registration). Multi-process and
+``dprec-<dataset>`` follow :mod:`dprec.tracking`; the model is registered only after the run
+folder is written. Per-epoch lines go to stdout; the last line is one JSON object (run folder,
+best epoch, test metrics, registration). A mistake in the config, data or paths is one
+``train: error: ...`` line and exit code 2; SIGTERM / SIGINT / SIGHUP end the MLflow run as ``KILLED``
+(exit code 128 + signal). Multi-process and
 multi-node training: ``deepspeed launchers/train.py`` (same config).
 """
 
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from pathlib import Path
 
 from dprec.config import run_stage
@@ -22,7 +26,8 @@ from dprec.io import log_to_console
 from dprec.tracking.fit import tracked_fit
 from dprec.training.config import load_config
 from dprec.training.loop import Trainer
-from dprec.training.run import save_run
+from dprec.training.run import new_run_folder, save_run
+from dprec.training.signals import Interrupted, stop_on_signals
 
 logger = logging.getLogger(__name__)
 
@@ -39,14 +44,23 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         cfg = load_config(args.config, args.set)
-        trainer = Trainer(cfg)
-        result = tracked_fit(trainer, register=not args.no_register)
-        out = save_run(trainer, result, cfg.out)
+        with new_run_folder(cfg.out) as out:  # an unwritable run folder fails now, not after the fit
+            trainer = Trainer(cfg)
+            # the run folder is written before the model is registered: a run without its files never publishes
+            result = tracked_fit(
+                trainer, register=not args.no_register, save=lambda result: save_run(trainer, result, out)
+            )
         summary = {"run": str(out), "best_epoch": result["best_epoch"], "test": result["test"]}
         print(json.dumps({**summary, "valid": result["valid"], "registration": result.get("registration")}))
         return 0
 
-    return run_stage("train", body)
+    # SIGTERM / SIGINT / SIGHUP raise, so the MLflow run ends as KILLED instead of staying RUNNING
+    with stop_on_signals():
+        try:
+            return run_stage("train", body)
+        except Interrupted as exc:
+            print(f"train: {exc}", file=sys.stderr)
+            return exc.exit_code
 
 
 if __name__ == "__main__":

@@ -2,7 +2,14 @@
 
 A folder holds ``interactions.parquet``, ``items.parquet`` and ``users.parquet`` (columns in
 :mod:`dprec.data.schema`) and ``dataset.json`` (name, source, split rule, seed, counts,
-missing-field and skipped-input counts, content hash, format version), written last.
+missing-field and skipped-input counts, content hash, format version, and ``files``: each table
+file's size, row count and sha256), written last.
+
+The folder is written whole or not at all (:func:`save_dataset`: a hidden sibling renamed into
+place; an existing dataset folder replaced only with ``overwrite``), and :func:`load_dataset`
+refuses a folder whose files do not belong together (row counts, sizes, sha256 and the content
+hash each table file carries must match ``dataset.json``) or that was left half-written. :func:`check_trainable` is what a trainer calls before training: it names what a
+dataset lacks to be trained and evaluated (validation or test interactions, at least K items).
 
 The content hash covers the logical content (interaction arrays, ID maps, item text and image
 references and bytes), not the parquet bytes, so it is stable across pyarrow versions;
@@ -13,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,9 +40,16 @@ from dprec.data.schema import (
     SPLIT_VALID,
     USER_COLUMNS,
 )
-from dprec.io import atomic_write_text, atomic_write_with
+from dprec.io import TMP_PREFIX, atomic_write_folder, atomic_write_text, atomic_write_with, sha256_file
 
 FORMAT_VERSION = 1
+TABLES = {"interactions": INTERACTION_COLUMNS, "items": ITEM_COLUMNS, "users": USER_COLUMNS}
+DATASET_FILES = (*(f"{name}.parquet" for name in TABLES), "dataset.json")
+ROW_COUNTS = {"interactions": "n_interactions", "items": "n_items", "users": "n_users"}
+# the token every table file carries (parquet key-value metadata, through DataFrame.attrs): the content hash
+FILE_TOKEN = "dprec_content_hash"
+# the largest cut-off the evaluation uses by default (dprec.training.metrics.DEFAULT_KS; data cannot import it)
+MAX_EVAL_K = 50
 # in items.parquet's column order: the hash does not follow the prompt order of ITEM_TEXT_FIELDS
 HASHED_ITEM_COLUMNS = tuple(c for c in ITEM_COLUMNS if c not in ("item_idx", "image_bytes", "extra"))
 __all__ = [
@@ -42,13 +57,18 @@ __all__ = [
     "SPLIT_TEST",
     "SPLIT_TRAIN",
     "SPLIT_VALID",
+    "DATASET_FILES",
+    "MAX_EVAL_K",
     "Dataset",
     "DatasetError",
+    "check_target",
+    "check_trainable",
     "content_hash",
     "items_hash",
     "load_dataset",
     "make_dataset",
     "save_dataset",
+    "trainability_problems",
     "validate",
 ]
 
@@ -217,38 +237,195 @@ def items_hash(ds: Dataset) -> str:
     return h.hexdigest()
 
 
-def save_dataset(ds: Dataset, folder: str | Path) -> Path:
-    """Write the folder; ``dataset.json`` last, so a folder with it is complete."""
+def _writable(folder: Path) -> bool:
+    """A new entry can be made in ``folder``: the OS allows it, and its mode grants write to someone.
+
+    The mode test makes a folder marked read-only (``chmod a-w``) refuse also for root, who may write anyway.
+    """
+    try:
+        return os.access(folder, os.W_OK | os.X_OK) and bool(folder.stat().st_mode & 0o222)
+    except OSError:
+        return False
+
+
+def check_target(folder: str | Path, overwrite: bool = False) -> None:
+    """Refuse to write a dataset to ``folder`` where that would lose data; the message says what to do.
+
+    Allowed: a missing folder, an empty folder, and (only with ``overwrite``) a folder that holds nothing
+    but a dataset's files (``DATASET_FILES`` and ``.tmp-`` leftovers). A file, or a folder holding
+    anything else, is refused even with ``overwrite``: it is not ours to replace. The folder that the
+    new one is made in (the parent, or the nearest existing ancestor) must be writable.
+    """
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, frame in (("interactions", ds.interactions), ("items", ds.items), ("users", ds.users)):
-        atomic_write_with(folder / f"{name}.parquet", lambda p, f=frame: f.to_parquet(p, index=False))
-    atomic_write_text(folder / "dataset.json", json.dumps(ds.meta, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
-    ds.folder = folder
+    ancestor = next((p for p in folder.absolute().parents if p.exists()), None)
+    if ancestor is not None and not ancestor.is_dir():
+        raise DatasetError(f"{folder}: cannot create the folder, {ancestor} is a file, not a folder")
+    if ancestor is not None and not _writable(ancestor):
+        raise DatasetError(f"{folder}: cannot write the dataset folder, {ancestor} is read-only (Permission denied)")
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise DatasetError(f"{folder}: exists and is a file, not a folder; --out must name a dataset folder")
+    entries = sorted(p.name for p in folder.iterdir())
+    if not entries:
+        return
+    foreign = [e for e in entries if e not in DATASET_FILES and not e.startswith(TMP_PREFIX)]
+    if foreign:
+        shown = ", ".join(repr(e) for e in foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise DatasetError(
+            f"{folder}: is not empty and is not a dataset folder (it holds {shown}); choose another --out "
+            "(--overwrite only replaces a dataset folder)"
+        )
+    if not overwrite:
+        what = "a dataset" if "dataset.json" in entries else "the files of an unfinished dataset"
+        raise DatasetError(f"{folder}: this folder already holds {what}; choose another --out or pass --overwrite")
+
+
+def save_dataset(ds: Dataset, folder: str | Path, overwrite: bool = False) -> Path:
+    """Write the dataset folder atomically: all of it, or (on any failure) nothing.
+
+    The tables and ``dataset.json`` (last) go to a hidden sibling that is renamed onto ``folder`` at the end
+    (:func:`dprec.io.atomic_write_folder`); an existing dataset folder is replaced only with ``overwrite``
+    (:func:`check_target`). ``dataset.json`` records each table file's size, row count and sha256
+    (``files``), and every table file carries the content hash in its metadata, so :func:`load_dataset`
+    can tell that the files belong together.
+    """
+    folder = Path(folder)
+    if folder.is_symlink():  # replace the folder the link names, not the link
+        folder = folder.resolve()
+    check_target(folder, overwrite)
+    token = ds.meta.get("content_hash") or content_hash(ds)
+    files: dict[str, dict[str, Any]] = {}
+    meta = {**ds.meta, "content_hash": token, "files": files}
+
+    def fill(tmp: Path) -> None:
+        for name in TABLES:
+            frame = getattr(ds, name).copy(deep=False)
+            frame.attrs = {FILE_TOKEN: token}
+            path = tmp / f"{name}.parquet"
+            atomic_write_with(path, lambda p, f=frame: f.to_parquet(p, index=False))
+            files[path.name] = {"bytes": path.stat().st_size, "rows": len(frame), "sha256": sha256_file(path)}
+        text = json.dumps(meta, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+        atomic_write_text(tmp / "dataset.json", text)
+
+    atomic_write_folder(folder, fill, replace=overwrite)
+    ds.meta, ds.folder = meta, folder
     return folder
 
 
-def load_dataset(folder: str | Path, verify_hash: bool = False) -> Dataset:
-    """Read a dataset folder; with ``verify_hash`` recompute the content hash and compare."""
-    folder = Path(folder)
+def _read_meta(folder: Path) -> dict[str, Any]:
     meta_path = folder / "dataset.json"
+    if not folder.exists():
+        raise DatasetError(f"{folder}: no such dataset folder; run `python -m dprec.prepare` first")
+    if not folder.is_dir():
+        raise DatasetError(f"{folder}: is a file, not a dataset folder")
     if not meta_path.is_file():
+        present = sorted(p.name for p in folder.iterdir() if p.name in DATASET_FILES or p.name.startswith(TMP_PREFIX))
+        if present:
+            raise DatasetError(
+                f"{folder}: half-written dataset folder (it has {present} but no dataset.json): a prepare did not "
+                "finish; run `python -m dprec.prepare` again with --overwrite"
+            )
         raise DatasetError(f"{folder}: not a dataset folder (no dataset.json); run `python -m dprec.prepare` first")
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    try:
+        meta = json.loads(meta_path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise DatasetError(f"{meta_path}: not valid JSON ({exc}); write the folder again with dprec.prepare") from exc
+    if not isinstance(meta, dict):
+        raise DatasetError(f"{meta_path}: expected a JSON object; write the folder again with dprec.prepare")
     if meta.get("format_version") != FORMAT_VERSION:
         raise DatasetError(f"{meta_path}: format_version {meta.get('format_version')} != {FORMAT_VERSION}")
+    missing = [k for k in ("name", *ROW_COUNTS.values()) if k not in meta]
+    if missing:
+        raise DatasetError(f"{meta_path}: missing key(s) {missing}; write the folder again with dprec.prepare")
+    return meta
+
+
+def _mixed(folder: Path, path: Path, what: str) -> DatasetError:
+    return DatasetError(
+        f"{path}: {what}; the files of {folder} do not belong together (a write was interrupted, or a file "
+        "was copied in from another dataset); run `python -m dprec.prepare` again with --overwrite"
+    )
+
+
+def load_dataset(folder: str | Path, verify_hash: bool = False) -> Dataset:
+    """Read a dataset folder, refusing one whose files do not belong together or that was left half-written.
+
+    Always checked: ``dataset.json`` is there and valid, each table's row count equals the one in
+    ``dataset.json``, and (folders written since ``files`` is recorded) each table's size, sha256 and the
+    content hash its metadata carries match ``dataset.json`` (cheap next to reading the tables). With
+    ``verify_hash`` also the content hash recomputed from the tables.
+    """
+    folder = Path(folder)
+    meta = _read_meta(folder)
+    files = meta.get("files")
     frames = {}
-    for name, columns in (("interactions", INTERACTION_COLUMNS), ("items", ITEM_COLUMNS), ("users", USER_COLUMNS)):
+    for name, columns in TABLES.items():
         path = folder / f"{name}.parquet"
+        record = files.get(path.name) if isinstance(files, dict) else None
+        if not path.is_file():
+            raise _mixed(folder, path, "missing, but dataset.json is there")
         try:
-            frames[name] = pd.read_parquet(path)
+            frame = pd.read_parquet(path)
         except Exception as exc:  # noqa: BLE001 - re-raised with the file named
             raise DatasetError(f"{path}: cannot read ({exc})") from exc
-        missing = [c for c in columns if c not in frames[name]]
+        attrs, frame.attrs = dict(frame.attrs), {}
+        missing = [c for c in columns if c not in frame]
         if missing:
             raise DatasetError(f"{path}: missing column(s) {missing}; write the folder again with dprec.prepare")
+        if files is not None and attrs.get(FILE_TOKEN) != meta.get("content_hash"):
+            raise _mixed(folder, path, "written with another dataset than dataset.json (content hash differs)")
+        if len(frame) != meta[ROW_COUNTS[name]]:
+            raise _mixed(folder, path, f"{len(frame)} rows, dataset.json records {meta[ROW_COUNTS[name]]}")
+        if files is not None:
+            if not isinstance(record, dict):
+                raise _mixed(folder, path, "not listed in dataset.json")
+            size = path.stat().st_size
+            if size != record.get("bytes"):
+                raise _mixed(folder, path, f"{size} bytes, dataset.json records {record.get('bytes')}")
+            if sha256_file(path) != record.get("sha256"):
+                raise _mixed(folder, path, "sha256 differs from the one dataset.json records")
+        frames[name] = frame
     ds = Dataset(meta["name"], frames["interactions"], frames["items"], frames["users"], meta, folder)
     validate(ds)
     if verify_hash and content_hash(ds) != meta.get("content_hash"):
         raise DatasetError(f"{folder}: content hash differs from dataset.json; the folder was changed after prepare")
     return ds
+
+
+def trainability_problems(ds: Dataset, max_k: int = MAX_EVAL_K) -> list[str]:
+    """What keeps ``ds`` from being trained and evaluated at cut-offs up to ``max_k``; empty when nothing does."""
+    per = {label: int((ds.interactions["split"] == label).sum()) for label in SPLIT_LABELS}
+    needs = {
+        SPLIT_TRAIN: ("training", "the model learns from them"),
+        SPLIT_VALID: ("validation", "model selection and early stopping need them"),
+        SPLIT_TEST: ("test", "the final evaluation needs them"),
+    }
+    problems = [
+        f"no {what} interactions (split {label} is empty; {why})"
+        for label, (what, why) in needs.items()
+        if not per[label]
+    ]
+    if problems and ds.meta.get("split_rule") in ("random", "chrono"):
+        problems[-1] += (
+            "; the random and chrono splits hold out nothing of users with fewer than 3 interactions, "
+            "so use more interactions per user or a source with its own split"
+        )
+    if ds.n_items < max_k:
+        problems.append(
+            f"only {ds.n_items} items, fewer than the largest evaluation cut-off K={max_k} "
+            "(Recall@K and NDCG@K rank K items); use more items or lower the cut-offs"
+        )
+    return problems
+
+
+def check_trainable(ds: Dataset, max_k: int = MAX_EVAL_K) -> None:
+    """Raise :class:`DatasetError` naming every reason ``ds`` cannot be trained and evaluated up to ``max_k``.
+
+    For the trainer to call before the first epoch (with the largest of its ``ks``), so that a dataset
+    without validation or test interactions, or with fewer items than K, fails at once and says why.
+    """
+    problems = trainability_problems(ds, max_k)
+    if problems:
+        where = f"dataset {ds.name!r}" + (f" ({ds.folder})" if ds.folder is not None else "")
+        raise DatasetError(f"{where} cannot be trained and evaluated: " + "; ".join(problems))

@@ -19,6 +19,7 @@ from dprec.features.prompt import extra_fields, template_fields
 Device = Literal["auto", "cpu", "cuda"]
 ModelDtype = Literal["auto", "float32", "bfloat16", "float16"]
 StoreDtype = Literal["float32", "float16"]
+MAX_IMAGE_BYTES = 32 * 1024 * 1024
 
 
 @dataclass
@@ -93,7 +94,11 @@ class ImageConfig:
     fetch_urls: bool = field(default=False, metadata={"flag": "--fetch-urls"})
     """Fetch ``image_url`` when there are no bytes and no local file (off: counted as image_url_not_fetched)."""
     url_timeout: float = field(default=5.0, metadata={"flag": "--url-timeout"})
-    """Seconds to wait for one image URL; never retried."""
+    """Seconds one image URL may take, connecting and downloading together; never retried. Only http(s) URLs."""
+    max_image_bytes: int = field(default=MAX_IMAGE_BYTES, metadata={"flag": "--max-image-bytes"})
+    """Largest image file or URL download read, in bytes; a larger one is not read (counted as image_too_large)."""
+    allow_outside_paths: bool = field(default=False, metadata={"flag": "--allow-outside-paths"})
+    """Read image_path files outside the dataset folder and the source root prepare recorded (off: image_outside_dataset)."""
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -101,6 +106,8 @@ class ImageConfig:
             raise ValueError("image batch_size must be >= 1")
         if self.url_timeout <= 0:
             raise ValueError("url_timeout must be > 0 seconds")
+        if self.max_image_bytes < 1:
+            raise ValueError("max_image_bytes must be >= 1")
 
 
 @dataclass
@@ -122,6 +129,9 @@ class FeatureSetConfig:
         check_types(self)
         if self.items_per_shard < 1:
             raise ValueError("items_per_shard must be >= 1")
+        for name in ("dataset", "out"):
+            if not getattr(self, name).strip():
+                raise ValueError(f"{name} must name a folder, got {getattr(self, name)!r}")
 
 
 @dataclass
@@ -135,7 +145,9 @@ class ExtractConfig(FeatureSetConfig):
     executor: Literal["ray", "local"] = "ray"
     """``ray`` (Ray Data actors) or ``local`` (this process, no Ray; the same shards)."""
     address: str | None = None
-    """Ray address; default RAY_ADDRESS, else a new local Ray instance."""
+    """Ray address (HOST:PORT of the head's GCS, or ray://HOST:PORT); default RAY_ADDRESS, else a new local Ray instance."""
+    connect_timeout: float = 5.0
+    """Seconds to reach the Ray cluster at the address; nothing listening fails at once, a non-Ray server within ~3x."""
     include_dashboard: bool = False
     """Start the dashboard with the local Ray instance (bound to 127.0.0.1)."""
     text_actors: int = 1
@@ -154,6 +166,8 @@ class ExtractConfig(FeatureSetConfig):
     """Times Ray retries a shard whose actor died."""
     spread: bool = True
     """Spread actors over nodes (Ray's SPREAD scheduling)."""
+    max_nonfinite_share: float = 0.01
+    """Most share of the items whose vector of a modality is NaN/inf (or overflows --store-dtype); above it the run fails."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -165,6 +179,10 @@ class ExtractConfig(FeatureSetConfig):
             raise ValueError("gpus_per_actor must be >= 0")
         if self.torch_threads is not None and self.torch_threads < 1:
             raise ValueError("torch_threads must be >= 1")
+        if self.connect_timeout <= 0:
+            raise ValueError("connect_timeout must be > 0 seconds")
+        if not 0 <= self.max_nonfinite_share <= 1:
+            raise ValueError(f"max_nonfinite_share must lie in [0, 1], got {self.max_nonfinite_share}")
 
     @property
     def threads(self) -> int:

@@ -24,6 +24,12 @@ class ModelError(DPRecError, ValueError):
     """A model cannot be resolved or loaded; the message names it and what to do."""
 
 
+def one_line(text: object, limit: int = 400) -> str:
+    """``text`` on one line (whitespace runs collapsed), cut to ``limit`` characters: fit for a one-line error."""
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
 def package_dir(package: str) -> Path:
     """The folder of an installed package, found without importing it."""
     spec = importlib.util.find_spec(package)
@@ -38,6 +44,27 @@ def weights_digest(folder: Path) -> dict[str, str]:
     if not files:
         raise ModelError(f"{folder}: no weight files ({', '.join(WEIGHT_SUFFIXES)}) in this model folder")
     return {str(p.relative_to(folder)): sha256_file(p) for p in files}
+
+
+def check_weights(load_path: str | Path, pinned: Any, what: str) -> None:
+    """Refuse to load weights other than those pinned for the run (and so named in its manifest's spec).
+
+    ``pinned`` is a model folder's ``{file: sha256}`` (:func:`weights_digest`) or one weight file's
+    sha256; anything else (a hub commit) is not checked here.
+    """
+    path = Path(load_path)
+    if isinstance(pinned, dict) and path.is_dir():
+        got = weights_digest(path)
+        changed = sorted(k for k in set(got) | set(pinned) if got.get(k) != pinned.get(k))
+    elif isinstance(pinned, str) and path.is_file():
+        changed = [path.name] if sha256_file(path) != pinned else []
+    else:
+        return
+    if changed:
+        raise ModelError(
+            f"{what}: the weights in {path} differ from those pinned for this run ({', '.join(changed)} changed "
+            "after the run resolved the model); make the model files the same on every node, or rerun extract"
+        )
 
 
 def resolve_device(device: str) -> str:

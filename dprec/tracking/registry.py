@@ -9,12 +9,24 @@ of tensors, arrays and JSON (:func:`export_bundle`) + the model config ``unknown
 ``@challenger``. Every registration recomputes the champion from all versions' tags, sets the
 aliases, re-reads and repeats until stable, so concurrent registrations settle on the best
 version; a local sqlite store also takes a file lock. CLI: ``python -m dprec.register``.
+
+A bundle is checked before anything is logged (:func:`check_bundle`), reading it without
+unpickling anything (safetensors, ``.npz`` / ``.npy`` with ``allow_pickle=False``, JSON): a
+folder that is not a bundle, a missing file, malformed JSON, wrong shapes or dtypes, NaN or
+infinite embeddings, IDs that do not match the embeddings, or CSR arrays out of range raise
+:class:`BundleError` naming the file and the fault. The model config also carries the serving
+limits (:data:`SERVING_LIMITS`, as ``serving.DEFAULT_LIMITS``), ``max_id_length`` raised to
+the bundle's longest ID.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import numbers
+import re
 import tempfile
+import zipfile
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -28,11 +40,13 @@ import safetensors
 import torch
 from filelock import FileLock
 from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
 from mlflow.models.signature import ModelSignature
 from mlflow.tracking import MlflowClient
-from mlflow.types.schema import AnyType, ColSpec, Schema
+from mlflow.types.schema import ColSpec, Schema
 from safetensors.torch import save_file
 
+from dprec.config import ConfigError, DPRecError
 from dprec.io import safe_name
 from dprec.tracking.store import ensure_experiment, metric_name, sqlite_path, tracking_uri
 
@@ -51,7 +65,37 @@ SELECTION_TAG = "valid_recall_at_20"
 ELIGIBLE_TAG = "champion_eligible"
 CHAMPION, CHALLENGER = "champion", "challenger"
 UNKNOWN_USER_POLICIES = ("error", "popularity")  # as in serving.py, which must not import dprec
+SERVING_LIMITS = {  # as serving.DEFAULT_LIMITS (tests/reliability/test_serving_input.py checks they agree)
+    "max_users_per_request": 10_000,
+    "max_k": 1_000,
+    "max_results_per_request": 100_000,
+    "max_id_length": 256,
+}
+DEFAULT_K = 10
 MAX_SETTLE_ROUNDS = 50
+SHOWN_CHARS = 32
+_FORBIDDEN_ID_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")  # as serving.py: refused in requests
+
+
+class BundleError(DPRecError):
+    """A folder given as a model bundle that is not one, or one whose files are malformed or disagree."""
+
+
+def shown(value: object, limit: int = SHOWN_CHARS) -> str:
+    """``value`` as an error message may repeat it: its repr, cut to ``limit`` characters plus its length."""
+    if isinstance(value, str):
+        return repr(value) if len(value) <= limit else f"{value[:limit]!r}... ({len(value)} characters)"
+    try:
+        text = repr(value)
+    except ValueError:  # an integer with more digits than str() converts
+        return f"<{type(value).__name__} too long to show>"
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def cut(message: str, limit: int = 300) -> str:
+    """A message (e.g. MLflow's, which may repeat what the user gave) on one line, cut to ``limit`` characters."""
+    message = " ".join(str(message).split())
+    return message if len(message) <= limit else f"{message[:limit]}... ({len(message)} characters)"
 
 
 @dataclass(frozen=True)
@@ -100,6 +144,174 @@ def export_bundle(trained: TrainedModel, result: Mapping[str, Any], folder: str 
     return folder
 
 
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise BundleError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        raise BundleError(f"{path}: not valid JSON ({cut(str(exc), 200)})") from None
+
+
+def _read_embeddings(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            names = set(f.keys())
+            missing = {"user", "item"} - names
+            if missing:
+                raise BundleError(f"{path}: lacks tensor(s) {sorted(missing)}; has {sorted(names)[:10]}")
+            tensors = {name: f.get_tensor(name) for name in ("user", "item")}
+    except BundleError:
+        raise
+    except Exception as exc:  # safetensors raises its own error type for a file that is not one
+        raise BundleError(f"{path}: not a safetensors file ({cut(str(exc), 200)})") from None
+    for name, t in tensors.items():
+        if t.ndim != 2 or not t.is_floating_point() or t.shape[1] < 1:
+            raise BundleError(
+                f"{path}: tensor {name!r} must be a 2-D float matrix (rows x dim), got {t.dtype} {list(t.shape)}"
+            )
+        if not torch.isfinite(t).all():
+            raise BundleError(f"{path}: tensor {name!r} holds NaN or infinite values")
+    if tensors["user"].shape[1] != tensors["item"].shape[1]:
+        raise BundleError(
+            f"{path}: user and item embeddings differ in dimension "
+            f"({tensors['user'].shape[1]} vs {tensors['item'].shape[1]})"
+        )
+    return tensors
+
+
+def _read_npy(path: Path, npz: bool) -> Any:
+    """An .npy array or an .npz archive, never unpickling (object arrays are refused)."""
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise BundleError(f"{path}: not a numpy {'.npz' if npz else '.npy'} file without pickles ({exc})") from None
+    kind = np.lib.npyio.NpzFile if npz else np.ndarray
+    if not isinstance(loaded, kind):
+        if hasattr(loaded, "close"):
+            loaded.close()
+        raise BundleError(f"{path}: expected a numpy {'.npz archive' if npz else '.npy array'}")
+    return loaded
+
+
+def _int_vector(path: Path, name: str, array: np.ndarray) -> np.ndarray:
+    if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
+        raise BundleError(f"{path}: {name} must be a 1-D integer array, got {array.dtype} {list(array.shape)}")
+    return array.astype(np.int64)
+
+
+def _id_list(path: Path, ids: Any, key: str, n_expected: int, what: str) -> list[str]:
+    values = ids.get(key) if isinstance(ids, dict) else None
+    if not isinstance(values, list):
+        raise BundleError(f"{path}: needs a list {key!r} (a JSON object with user_ids and item_ids)")
+    bad = next((i for i, v in enumerate(values) if not isinstance(v, str) or not v), None)
+    if bad is not None:
+        raise BundleError(f"{path}: {key}[{bad}] must be a non-empty string, got {shown(values[bad])}")
+    if len(values) != n_expected:
+        raise BundleError(f"{path}: {len(values)} {key} but {n_expected} {what} embeddings")
+    if len(set(values)) != len(values):
+        seen: set[str] = set()
+        dup = next(v for v in values if v in seen or seen.add(v))
+        raise BundleError(f"{path}: {key} repeats {shown(dup)}")
+    forbidden = next((v for v in values if _FORBIDDEN_ID_CHARS.search(v)), None)
+    if forbidden is not None:
+        raise BundleError(f"{path}: {key} entry {shown(forbidden)} holds a control character or lone surrogate")
+    return values
+
+
+def _finite_metrics(path: Path, config: dict, key: str) -> None:
+    metrics = config.get(key)
+    if not isinstance(metrics, dict):
+        raise BundleError(f"{path}: needs a mapping {key!r} of metrics")
+    for name, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            raise BundleError(f"{path}: {key}.{shown(name)} must be a finite number, got {shown(value)}")
+
+
+def check_bundle(folder: str | Path) -> tuple[dict[str, Any], dict[str, list[str]]]:
+    """``(config, ids)`` of a bundle folder after checking every file (see the module docstring).
+
+    Reads without unpickling: safetensors, numpy with ``allow_pickle=False``, JSON. Raises
+    :class:`BundleError` naming the file and the fault.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise BundleError(f"{folder}: not a folder (a model bundle is a folder written by export_bundle)")
+    paths = {key: folder / name for key, name in BUNDLE_FILES.items()}
+    missing = [p.name for p in paths.values() if not p.is_file()]
+    if len(missing) == len(paths):
+        raise BundleError(f"{folder}: not a model bundle (none of {sorted(BUNDLE_FILES.values())}; see export_bundle)")
+    if missing:
+        raise BundleError(f"{folder}: incomplete model bundle, missing {missing}")
+
+    config = _read_json(paths["config"])
+    dataset = config.get("dataset") if isinstance(config, dict) else None
+    model = config.get("model") if isinstance(config, dict) else None
+    if not isinstance(dataset, dict) or not isinstance(model, dict):
+        raise BundleError(f"{paths['config']}: needs mappings 'dataset' and 'model' (written by export_bundle)")
+    for key in ("name", "content_hash"):
+        if not isinstance(dataset.get(key), str) or not dataset[key]:
+            raise BundleError(f"{paths['config']}: dataset.{key} must be a non-empty string")
+    if len(dataset["name"]) > 200:
+        raise BundleError(f"{paths['config']}: dataset.name {shown(dataset['name'])} is longer than 200 characters")
+    if not isinstance(model.get("name"), str) or not model["name"]:
+        raise BundleError(f"{paths['config']}: model.name must be a non-empty string")
+    best_epoch = config.get("best_epoch")
+    if isinstance(best_epoch, bool) or not isinstance(best_epoch, int):
+        raise BundleError(f"{paths['config']}: best_epoch must be an integer, got {shown(best_epoch)}")
+    for key in ("valid", "test"):
+        _finite_metrics(paths["config"], config, key)
+
+    tensors = _read_embeddings(paths["embeddings"])
+    n_users, n_items = tensors["user"].shape[0], tensors["item"].shape[0]
+    if n_users < 1 or n_items < 1:
+        raise BundleError(f"{paths['embeddings']}: no users or no items ({n_users} x {n_items})")
+    for key, n in (("n_users", n_users), ("n_items", n_items)):
+        if dataset.get(key) != n:
+            raise BundleError(f"{paths['config']}: dataset.{key} is {shown(dataset.get(key))}, the embeddings {n}")
+
+    ids = _read_json(paths["ids"])
+    user_ids = _id_list(paths["ids"], ids, "user_ids", n_users, "user")
+    item_ids = _id_list(paths["ids"], ids, "item_ids", n_items, "item")
+
+    with _read_npy(paths["train_items"], npz=True) as train:
+        try:
+            indptr = _int_vector(paths["train_items"], "indptr", train["indptr"])
+            indices = _int_vector(paths["train_items"], "indices", train["indices"])
+        except KeyError as exc:
+            raise BundleError(f"{paths['train_items']}: lacks array {exc}; has {sorted(train.files)[:10]}") from None
+        except (ValueError, OSError, zipfile.BadZipFile) as exc:  # e.g. an object array, which needs pickle
+            raise BundleError(f"{paths['train_items']}: unreadable array ({exc})") from None
+    if len(indptr) != n_users + 1 or indptr[0] != 0 or indptr[-1] != len(indices) or (np.diff(indptr) < 0).any():
+        raise BundleError(
+            f"{paths['train_items']}: indptr must rise from 0 to len(indices)={len(indices)} "
+            f"over n_users + 1 = {n_users + 1} entries (has {len(indptr)})"
+        )
+    if len(indices) and (indices.min() < 0 or indices.max() >= n_items):
+        raise BundleError(f"{paths['train_items']}: indices must lie in [0, {n_items}) (the items)")
+
+    popularity = _read_npy(paths["popularity"], npz=False)
+    if (
+        popularity.ndim != 1
+        or len(popularity) != n_items
+        or not (np.issubdtype(popularity.dtype, np.integer) or np.issubdtype(popularity.dtype, np.floating))
+    ):
+        raise BundleError(
+            f"{paths['popularity']}: must be {n_items} numbers (one per item), got {popularity.dtype} "
+            f"{list(popularity.shape)}"
+        )
+    if not np.isfinite(popularity).all() or (popularity < 0).any():
+        raise BundleError(f"{paths['popularity']}: counts must be finite and non-negative")
+    return config, {"user_ids": user_ids, "item_ids": item_ids}
+
+
+def serving_config(unknown_user: str, ids: Mapping[str, list[str]]) -> dict[str, Any]:
+    """The model config of a registered version: unknown-user policy, default k and the serving limits."""
+    longest = max(len(i) for i in ids["user_ids"])
+    limits = dict(SERVING_LIMITS, max_id_length=max(SERVING_LIMITS["max_id_length"], longest))
+    return {"unknown_user": unknown_user, "default_k": DEFAULT_K, **limits}
+
+
 def version_tags(config: Mapping[str, Any], run_id: str) -> dict[str, str]:
     """The tags a new version is created with: selection metric, test metrics, provenance."""
     tags = {metric_name(f"valid_{k}"): repr(float(v)) for k, v in config["valid"].items()}
@@ -114,10 +326,14 @@ def version_tags(config: Mapping[str, Any], run_id: str) -> dict[str, str]:
 
 
 def serving_signature() -> ModelSignature:
-    """Input ``user_id`` (+ optional ``k``) left untyped so that serving.py converts and validates them itself."""
-    inputs = Schema([ColSpec(AnyType(), "user_id"), ColSpec(AnyType(), "k", required=False)])
+    """Outputs only: the request (``user_id``, optional ``k``) is converted and checked by serving.py itself.
+
+    No input schema on purpose: a request MLflow's schema enforcement refuses (a missing column, an
+    ID pandas cannot store) gets an error message that repeats the whole request, megabytes for a
+    hostile one; serving.py answers every malformed request with a short 400 of its own.
+    """
     columns = {"user_id": "string", "rank": "long", "item_id": "string", "score": "double", "fallback": "boolean"}
-    return ModelSignature(inputs=inputs, outputs=Schema([ColSpec(kind, name) for name, kind in columns.items()]))
+    return ModelSignature(inputs=None, outputs=Schema([ColSpec(kind, name) for name, kind in columns.items()]))
 
 
 def serving_requirements() -> list[str]:
@@ -139,6 +355,13 @@ def in_run(run_id: str | None, experiment: str) -> Iterator[str]:
     if active is not None and active.info.run_id == run_id:
         yield run_id
         return
+    if run_id:
+        try:
+            MlflowClient().get_run(run_id)
+        except MlflowException as exc:
+            raise ConfigError(
+                f"run {shown(run_id)}: not found in {mlflow.get_tracking_uri()} ({cut(exc.message)})"
+            ) from None
     experiment_id = None if run_id else ensure_experiment(experiment, MlflowClient(), mlflow.get_tracking_uri())
     with mlflow.start_run(run_id=run_id, experiment_id=experiment_id, run_name=None if run_id else "register") as run:
         yield run.info.run_id
@@ -155,19 +378,19 @@ def log_and_register(
 ) -> Registration:
     """Log ``bundle`` as a pyfunc into ``run_id`` (a new run if None), register it and settle the aliases."""
     if unknown_user not in UNKNOWN_USER_POLICIES:
-        raise ValueError(f"unknown_user must be one of {UNKNOWN_USER_POLICIES}, got {unknown_user!r}")
+        raise ConfigError(f"unknown_user must be one of {UNKNOWN_USER_POLICIES}, got {shown(unknown_user)}")
     bundle = Path(bundle)
+    config, ids = check_bundle(bundle)
     uri = uri or tracking_uri()
     mlflow.set_tracking_uri(uri)
-    config = json.loads((bundle / BUNDLE_FILES["config"]).read_text(encoding="utf-8"))
     name = registered_name(config["dataset"]["name"])
-    first_user = json.loads((bundle / BUNDLE_FILES["ids"]).read_text(encoding="utf-8"))["user_ids"][0]
+    first_user = ids["user_ids"][0]
     with in_run(run_id, experiment=name) as run:
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(SERVING_CODE),
             artifacts={key: str(bundle / file) for key, file in BUNDLE_FILES.items()},
-            model_config={"unknown_user": unknown_user, "default_k": 10},
+            model_config=serving_config(unknown_user, ids),
             signature=serving_signature(),
             input_example=pd.DataFrame({"user_id": [first_user], "k": [min(5, config["dataset"]["n_items"])]}),
             pip_requirements=serving_requirements(),

@@ -12,6 +12,14 @@ fallback`` per recommended item, request rows in order, never an item the user t
 Unknown users: model config ``unknown_user: "error"`` (default) answers HTTP 400 naming them;
 ``"popularity"`` gives the k most-trained items, score = count, ``fallback`` = True. Chosen at
 registration or at load: ``mlflow.pyfunc.load_model(uri, model_config={"unknown_user": "popularity"})``.
+
+Limits (model config, defaults in :data:`DEFAULT_LIMITS`; overridable at load like ``unknown_user``):
+``max_users_per_request`` 10,000 request rows; ``max_k`` 1,000 (and never more than the number of
+items); ``max_results_per_request`` 100,000 (the sum of k over the rows); ``max_id_length`` 256
+characters (registration raises it to the longest ID the model knows). A request over a limit,
+a ``user_id`` with a control character (NUL, newline, ...) or a lone surrogate, or any other
+malformed request is an HTTP 400 (``INVALID_PARAMETER_VALUE``) naming the row and the limit. An
+error message shows at most a short prefix of a value the client sent, with its length.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
+import re
 from typing import Any
 
 import mlflow
@@ -34,6 +43,14 @@ OUTPUT_COLUMNS = ("user_id", "rank", "item_id", "score", "fallback")
 UNKNOWN_USER_POLICIES = ("error", "popularity")
 DEFAULT_K = 10
 SCORE_CHUNK = 1024  # users scored at once: at most SCORE_CHUNK x n_items floats in memory
+DEFAULT_LIMITS = {  # model config keys; registry.SERVING_LIMITS writes the same (it may not import this file)
+    "max_users_per_request": 10_000,
+    "max_k": 1_000,
+    "max_results_per_request": 100_000,
+    "max_id_length": 256,
+}
+SHOWN_CHARS = 32  # how much of a client's value an error message repeats
+_FORBIDDEN_ID_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")  # control characters, lone surrogates
 
 
 def bad_request(message: str) -> MlflowException:
@@ -41,40 +58,107 @@ def bad_request(message: str) -> MlflowException:
     return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
 
 
-def parse_user_id(value: Any, row: int) -> str:
+def shown(value: Any, limit: int = SHOWN_CHARS) -> str:
+    """``value`` as an error message may repeat it: its repr, cut to ``limit`` characters plus its length."""
     if isinstance(value, str):
-        return value
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        return str(int(value))
-    if isinstance(value, float) and value.is_integer():  # an integer column that pandas made float
-        return str(int(value))
-    raise bad_request(f"row {row}: user_id must be a string or an integer, got {value!r}")
+        return repr(value) if len(value) <= limit else f"{value[:limit]!r}... ({len(value)} characters)"
+    try:
+        text = repr(value)
+    except ValueError:  # an integer with more digits than str() converts
+        return f"<{type(value).__name__} too long to show>"
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
-def parse_k(value: Any, row: int, default: int, n_items: int) -> int:
+def parse_user_id(value: Any, row: int, max_length: int = DEFAULT_LIMITS["max_id_length"]) -> str:
+    """A request's user ID as the string the model knows; too long, control characters or another type: 400."""
+    if isinstance(value, str):
+        text = value
+    elif isinstance(value, numbers.Integral | float) and not isinstance(value, bool):
+        if isinstance(value, float) and not value.is_integer():  # integer columns that pandas made float pass
+            raise bad_request(f"row {row}: user_id must be a string or an integer, got {shown(value)}")
+        try:
+            text = str(int(value))
+        except ValueError:  # more digits than Python converts (4,300)
+            raise bad_request(f"row {row}: user_id is longer than max_id_length={max_length} characters") from None
+    else:
+        raise bad_request(f"row {row}: user_id must be a string or an integer, got {shown(value)}")
+    if len(text) > max_length:
+        raise bad_request(
+            f"row {row}: user_id {shown(text)} is longer than max_id_length={max_length} characters (model config)"
+        )
+    bad = _FORBIDDEN_ID_CHARS.search(text)
+    if bad:
+        raise bad_request(
+            f"row {row}: user_id {shown(text)} contains the character U+{ord(bad.group()):04X}; "
+            "IDs must not hold control characters (NUL, newline, ...) or lone surrogates"
+        )
+    return text
+
+
+def parse_k(value: Any, row: int, default: int, n_items: int, max_k: int = DEFAULT_LIMITS["max_k"]) -> int:
+    """A row's k: ``default`` when missing, else an integer between 1 and min(``max_k``, ``n_items``)."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return default
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not float(value).is_integer():
-        raise bad_request(f"row {row}: k must be a positive integer, got {value!r}")
+    integral = isinstance(value, numbers.Integral) or (
+        isinstance(value, numbers.Real) and math.isfinite(value) and float(value).is_integer()
+    )
+    if isinstance(value, bool) or not integral:
+        raise bad_request(f"row {row}: k must be a positive integer, got {shown(value)}")
     k = int(value)
-    if not 1 <= k <= n_items:
-        raise bad_request(f"row {row}: k must be between 1 and the number of items ({n_items}), got {k}")
+    if n_items <= max_k and not 1 <= k <= n_items:
+        raise bad_request(f"row {row}: k must be between 1 and the number of items ({n_items}), got {shown(k)}")
+    if not 1 <= k <= max_k:
+        raise bad_request(f"row {row}: k must be between 1 and max_k={max_k} (model config), got {shown(k)}")
     return k
 
 
-def parse_request(model_input: Any, default_k: int, n_items: int) -> tuple[list[str], list[int]]:
-    """(user ids, k per row) of a request; a malformed one raises a 400-style error naming the fault."""
+def parse_request(
+    model_input: Any, default_k: int, n_items: int, limits: dict[str, int] | None = None
+) -> tuple[list[str], list[int]]:
+    """(user ids, k per row) of a request; a malformed one raises a 400-style error naming the fault.
+
+    ``limits``: :data:`DEFAULT_LIMITS` keys (missing ones take the defaults). The row count is checked
+    before any row is read, so an oversized request costs no parsing.
+    """
+    limits = DEFAULT_LIMITS | (limits or {})
     if not isinstance(model_input, pd.DataFrame):
         try:
             model_input = pd.DataFrame(model_input)
         except (TypeError, ValueError) as exc:
-            raise bad_request(f"request must be a table with a user_id column ({exc})") from exc
+            raise bad_request(f"request must be a table with a user_id column ({shown(str(exc), 200)})") from exc
     if "user_id" not in model_input.columns:
-        raise bad_request(f"request needs a 'user_id' column; got columns {list(map(str, model_input.columns))}")
-    users = [parse_user_id(v, row) for row, v in enumerate(model_input["user_id"].tolist())]
+        columns = [shown(str(c)) for c in model_input.columns[:10]]
+        more = f" and {len(model_input.columns) - 10} more" if len(model_input.columns) > 10 else ""
+        raise bad_request(f"request needs a 'user_id' column; got columns [{', '.join(columns)}]{more}")
+    n_rows, max_users = len(model_input), limits["max_users_per_request"]
+    if n_rows > max_users:
+        raise bad_request(
+            f"request has {n_rows} rows, more than max_users_per_request={max_users} (model config); "
+            "split it into smaller requests"
+        )
+    max_length = limits["max_id_length"]
+    users = [parse_user_id(v, row, max_length) for row, v in enumerate(model_input["user_id"].tolist())]
     raw_k = model_input["k"].tolist() if "k" in model_input.columns else [None] * len(users)
-    ks = [parse_k(v, row, default_k, n_items) for row, v in enumerate(raw_k)]
+    ks = [parse_k(v, row, default_k, n_items, limits["max_k"]) for row, v in enumerate(raw_k)]
+    total, max_results = sum(ks), limits["max_results_per_request"]
+    if total > max_results:
+        raise bad_request(
+            f"request asks for {total} recommendations (the sum of k over its {n_rows} rows), more than "
+            f"max_results_per_request={max_results} (model config); ask for fewer users or a smaller k"
+        )
     return users, ks
+
+
+def positive_int(config: dict[str, Any], key: str, default: int) -> int:
+    """Model config ``key`` as a positive integer (``default`` when absent); anything else refuses to load."""
+    value = config.get(key, default)
+    try:
+        number = int(value) if isinstance(value, numbers.Integral | str) and not isinstance(value, bool) else 0
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise MlflowException(f"model config {key} must be a positive integer, got {shown(value)}")
+    return number
 
 
 class DPRecRecommender(PythonModel):
@@ -95,28 +179,32 @@ class DPRecRecommender(PythonModel):
             self.dataset = json.load(f)["dataset"]["name"]
         config = context.model_config or {}
         self.unknown_user = config.get("unknown_user", "error")
-        self.default_k = min(int(config.get("default_k", DEFAULT_K)), len(self.item_ids))
         if self.unknown_user not in UNKNOWN_USER_POLICIES:
             raise MlflowException(
-                f"model config unknown_user must be one of {UNKNOWN_USER_POLICIES}, got {self.unknown_user!r}"
+                f"model config unknown_user must be one of {UNKNOWN_USER_POLICIES}, got {shown(self.unknown_user)}"
             )
+        self.limits = {key: positive_int(config, key, default) for key, default in DEFAULT_LIMITS.items()}
+        self.max_k = min(self.limits["max_k"], len(self.item_ids))
+        self.default_k = min(positive_int(config, "default_k", DEFAULT_K), self.max_k)
         shapes = (len(self.user_index), len(self.indptr) - 1, self.user_emb.shape[0])
         item_shapes = (self.item_emb.shape[0], len(self.item_ids), len(self.popularity))
         if len(set(shapes)) != 1 or len(set(item_shapes)) != 1:
             raise MlflowException(f"model artifacts disagree on sizes: users {shapes}, items {item_shapes}")
+        if not (torch.isfinite(self.user_emb).all() and torch.isfinite(self.item_emb).all()):
+            raise MlflowException("model artifacts hold non-finite (NaN or infinite) embeddings")
 
     def predict(
         self, context: PythonModelContext, model_input: pd.DataFrame, params: dict | None = None
     ) -> pd.DataFrame:
-        users, ks = parse_request(model_input, self.default_k, len(self.item_ids))
+        users, ks = parse_request(model_input, self.default_k, len(self.item_ids), self.limits)
         index = [self.user_index.get(user) for user in users]
         unknown = sorted({user for user, i in zip(users, index, strict=True) if i is None})
         if unknown and self.unknown_user == "error":
-            shown = ", ".join(repr(u) for u in unknown[:10]) + (
+            names = ", ".join(shown(u) for u in unknown[:10]) + (
                 f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
             )
             raise bad_request(
-                f"unknown user_id {shown}: the model knows the {len(self.user_index)} users of its training data "
+                f"unknown user_id {names}: the model knows the {len(self.user_index)} users of its training data "
                 f"(dataset {self.dataset!r}); register it with unknown_user='popularity' for a popularity fallback"
             )
         return self.recommend(users, index, ks)

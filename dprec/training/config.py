@@ -18,6 +18,11 @@ from dprec.config import check_types, from_dict, load_yaml, merge, parse_overrid
 from dprec.models import MODELS
 from dprec.training.metrics import DEFAULT_KS
 
+MAX_THREADS = 1024
+"""Largest ``train.threads`` (torch crashes on absurd counts: 100000 threads is a segmentation fault)."""
+MAX_SEED = 2**32 - 1
+"""Largest ``train.seed``: numpy's legacy seed range (``torch.manual_seed(seed * 100003 + epoch)`` stays in range too)."""
+
 
 @dataclass
 class TrainConfig:
@@ -33,19 +38,20 @@ class TrainConfig:
     """Step decay: the learning rate of epoch e is lr * lr_decay ** (e // lr_decay_every) (MGCN: 0.96 per 50)."""
     lr_decay_every: int = 50
     seed: int = 2024
-    """Seeds model initialisation and every epoch's shuffling and negative sampling."""
+    """Seeds model initialisation and every epoch's shuffling and negative sampling (0 to 2**32 - 1)."""
     patience: int = 20
     """Evaluations without a better validation Recall@20 before stopping."""
     eval_every: int = 1
     """Epochs between validation evaluations."""
     ks: tuple[int, ...] = DEFAULT_KS
-    """Cut-offs of the reported metrics; 20 must be among them (model selection)."""
+    """Cut-offs of the reported metrics, each K >= 1 and at most the number of items; 20 must be among them
+    (model selection)."""
     eval_chunk_size: int = 2048
     """Users scored at once during evaluation."""
     graph_backend: Literal["dgl", "torch"] = "dgl"
     """Graph implementation: "dgl" or "torch" (torch.sparse)."""
     threads: int = 0
-    """torch intra-op threads; 0 keeps torch's default."""
+    """torch intra-op threads (at most 1024); 0 keeps torch's default."""
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -54,9 +60,20 @@ class TrainConfig:
             raise ValueError(f"train.lr_decay must lie in (0, 1], got {self.lr_decay}")
         for name in ("epochs", "batch_size", "patience", "eval_every", "eval_chunk_size", "lr_decay_every"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"train.{name} must be positive, got {getattr(self, name)}")
+                raise ValueError(f"train.{name} must be a positive integer, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"train.lr must be positive, got {self.lr}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"train.seed must be an integer in [0, {MAX_SEED}], got {self.seed}")
+        if not 0 <= self.threads <= MAX_THREADS:
+            raise ValueError(
+                f"train.threads must be an integer in [0, {MAX_THREADS}] (0 keeps torch's default), got {self.threads}"
+            )
+        bad = [k for k in self.ks if k <= 0]
+        if bad:
+            raise ValueError(f"train.ks must hold positive cut-offs K >= 1, got {list(self.ks)}")
+        if len(set(self.ks)) != len(self.ks):
+            raise ValueError(f"train.ks must not repeat a cut-off, got {list(self.ks)}")
         if 20 not in self.ks:
             raise ValueError(f"train.ks must contain 20 (model selection uses Recall@20), got {self.ks}")
 
@@ -80,6 +97,8 @@ class RunConfig:
         check_types(self)
         if not self.dataset:
             raise ValueError("dataset: a dataset folder is required")
+        if not self.out.strip():
+            raise ValueError("out: a run folder is required (got an empty string)")
         self.model = {"name": "lightgcn", **self.model}
         name = self.model["name"]
         if name not in MODELS:
@@ -88,7 +107,8 @@ class RunConfig:
     def model_config(self):
         _, cfg_cls = MODELS[self.model["name"]]
         params = {k: v for k, v in self.model.items() if k != "name"}
-        return from_dict(cfg_cls, params, f"model ({self.model['name']})")
+        where = f"model ({self.model['name']})"
+        return from_dict(cfg_cls, params, where)
 
     def as_dict(self) -> dict[str, Any]:
         return {

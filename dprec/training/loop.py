@@ -9,7 +9,7 @@ restored and the test split is evaluated exactly once (DESIGN §4). Because shuf
 and model noise are functions of (seed, epoch), a resumed fit reproduces an uninterrupted one.
 
 :class:`Trainer` runs in one process; :class:`dprec.training.distributed.DeepSpeedTrainer`
-overrides its hooks (``make_optimizer``, ``step``, ``reduce_sums``, ``on_epoch_end``).
+overrides its hooks (``make_optimizer``, ``step``, ``reduce_sums``, ``check_loss``, ``on_epoch_end``).
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from dprec.data.dataset import SPLIT_TEST, SPLIT_TRAIN, SPLIT_VALID, Dataset, load_dataset
+from dprec.config import ConfigError, DPRecError
+from dprec.data.dataset import SPLIT_TEST, SPLIT_TRAIN, SPLIT_VALID, Dataset, check_trainable, load_dataset
 from dprec.data.interactions import UserItemSets
 from dprec.features.modalities import load_features
 from dprec.models import MODELS, ModelContext, Recommender
@@ -36,6 +37,10 @@ SPLITS = {"train": SPLIT_TRAIN, "valid": SPLIT_VALID, "test": SPLIT_TEST}
 
 EpochObserver = Callable[[dict[str, Any]], object]
 """Called with each epoch's history row (``epoch``, losses, timings, ``valid_*`` metrics) once it is complete."""
+
+
+class TrainingDiverged(DPRecError, FloatingPointError):
+    """The loss became NaN or infinite: the settings (learning rate, features) make training diverge."""
 
 
 def set_seed(seed: int) -> None:
@@ -54,7 +59,20 @@ def build_model(cfg: RunConfig, ds: Dataset, features: dict[str, np.ndarray] | N
         features=features or {},
     )
     model_cls, _ = MODELS[cfg.model["name"]]
-    return model_cls(cfg.model_config(), ctx)
+    model_cfg = cfg.model_config()
+    try:
+        return model_cls(model_cfg, ctx)
+    except ValueError as exc:  # the model refuses its config for these data (no feature view, unknown modality ...)
+        if isinstance(exc, DPRecError):
+            raise
+        raise ConfigError(f"model ({cfg.model['name']}): {exc}") from exc
+    except (MemoryError, RuntimeError) as exc:  # torch's "can't allocate memory" for absurd sizes
+        if not isinstance(exc, MemoryError) and "allocate" not in str(exc):
+            raise
+        raise ConfigError(
+            f"model ({cfg.model['name']}): does not fit in memory for {ds.n_users} users and {ds.n_items} items "
+            f"with {model_cfg} ({str(exc).strip().splitlines()[0] if str(exc).strip() else 'MemoryError'})"
+        ) from exc
 
 
 @dataclass
@@ -99,7 +117,9 @@ class Trainer:
     creates the optimiser (``fit`` and ``train_epoch`` call it; a subclass whose ``make_optimizer``
     needs its own attributes calls it at the end of its ``__init__``). Hooks a subclass overrides:
     ``make_optimizer()``, ``step(loss)`` (backward + optimiser step), ``reduce_sums(sums)`` (add
-    sums over ranks), ``on_epoch_end(state, improved)`` (checkpoints).
+    sums over ranks), ``check_loss(loss, epoch)`` (stop on a diverged loss), ``on_epoch_end(state,
+    improved)`` (checkpoints). Construction refuses, before anything is trained, a dataset without
+    validation or test interactions or with fewer items than the largest K (``check_trainable``).
     """
 
     logger = logging.getLogger(__name__)
@@ -121,6 +141,9 @@ class Trainer:
         if cfg.train.threads > 0:
             torch.set_num_threads(cfg.train.threads)
         self.ds = ds if ds is not None else load_dataset(cfg.dataset)
+        check_trainable(
+            self.ds, max(cfg.train.ks)
+        )  # no valid / test rows, too few items: fail now, not at the first evaluation
         self.feature_manifests: dict[str, Any] = {}
         if features is None and cfg.features:
             features, self.feature_manifests = load_features(cfg.features, self.ds)
@@ -157,6 +180,14 @@ class Trainer:
 
     def reduce_sums(self, sums: dict[str, float]) -> dict[str, float]:
         return sums
+
+    def check_loss(self, loss: torch.Tensor, epoch: int) -> None:
+        """Raise :class:`TrainingDiverged` when the loss is NaN or infinite (before the optimiser step)."""
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(
+                f"epoch {epoch}: the loss is {float(loss)}; training diverged (lower train.lr, currently "
+                f"{self.cfg.train.lr}, or check the features)"
+            )
 
     def on_epoch_end(self, state: FitState, improved: bool) -> None:
         """Called after every epoch (after validation, if any, and after the epoch observer)."""
@@ -205,8 +236,7 @@ class Trainer:
                 loss = loss * share
             else:  # this rank's part of a tiny last batch is empty; it still joins the all-reduce
                 loss, parts = sum(p.sum() for p in self.model.parameters() if p.requires_grad) * 0.0, {}
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"epoch {epoch}: loss is {float(loss)}; lower train.lr or check the features")
+            self.check_loss(loss, epoch)
             self.step(loss)
             steps += 1
             totals["loss"] = totals.get("loss", 0.0) + float(loss.detach())

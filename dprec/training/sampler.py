@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from dprec.data.dataset import DatasetError
 from dprec.data.interactions import UserItemSets
 
 
@@ -21,7 +22,10 @@ class NegativeSampler:
         self.max_rounds = max_rounds
         full = np.flatnonzero(train.sizes() >= train.n_items)
         if len(full):
-            raise ValueError(f"user {full[0]} has trained on every item; no negative can be drawn")
+            raise DatasetError(
+                f"user index {full[0]} has trained on every item ({train.n_items}); no negative can be drawn "
+                f"(give the dataset more items, or move some of this user's interactions out of training)"
+            )
 
     def sample(self, users: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         neg = rng.integers(0, self.train.n_items, size=len(users))

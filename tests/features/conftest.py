@@ -58,11 +58,16 @@ def save_items(folder: Path, items: pd.DataFrame, name: str) -> Path:
     return folder
 
 
-def generated_items(folder: Path) -> pd.DataFrame:
-    rng = np.random.default_rng(7)
-    n = 14
+def write_generated_files(folder: Path) -> None:
+    """The image file item 8 names, relative to the dataset folder (written after the folder: save_dataset
+    refuses a non-empty folder that is not a dataset)."""
     (folder / "images").mkdir(parents=True, exist_ok=True)
     Image.new("RGB", (120, 90), (30, 140, 60)).save(folder / "images" / "file.png")
+
+
+def generated_items() -> pd.DataFrame:
+    rng = np.random.default_rng(7)
+    n = 14
     rows = []
     for i in range(n):
         rows.append(
@@ -167,8 +172,9 @@ def read_shard_bytes():
 
 @pytest.fixture(scope="session")
 def generated(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("generated")
-    return save_items(folder, generated_items(folder), "generated")
+    folder = save_items(tmp_path_factory.mktemp("generated"), generated_items(), "generated")
+    write_generated_files(folder)
+    return folder
 
 
 @pytest.fixture(scope="session")
@@ -234,5 +240,7 @@ def hm(tmp_path_factory) -> Path:
     )
     users = pd.DataFrame({"user_idx": range(len(customers)), "user_id": customers})
     folder = tmp_path_factory.mktemp("hm")
-    save_dataset(make_dataset("hm-sample-photos", inter, items, users), folder)
+    # as `prepare table --root <hm-sample>` records it: image files outside the dataset folder are read from there
+    meta = {"source": {"kind": "table", "root": str(root)}}
+    save_dataset(make_dataset("hm-sample-photos", inter, items, users, meta), folder)
     return folder

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
@@ -12,6 +13,7 @@ from dprec.config import from_dict
 from dprec.features.config import TextConfig
 from dprec.features.prompt import LLM_TEMPLATE, clean_field, render_item
 from dprec.features.text import TextEncoder, TextModelError, ensure_smollm2_cache, length_batches, resolve_text_model
+from dprec.io import sha256_file
 
 FIELDS = [
     {"title": "Copper kettle", "brand": "Acme", "categories": "kitchen|tea", "description": "Boils water fast."},
@@ -151,7 +153,14 @@ def test_smollm2_gguf_cached_as_safetensors_and_last_token_pooled(tmp_path):
 
     resolved = resolve_text_model(TextConfig(model="smollm2", cache_dir=str(cache)), "cpu")
     assert (resolved.pooling, resolved.prompt_template, resolved.dtype) == ("last", LLM_TEMPLATE, "float32")
-    assert resolved.revision == {"gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf", "gguf_sha256": gguf_sha}
+    weights = {"model.safetensors": sha256_file(path / "model.safetensors")}  # the converted weights, pinned
+    assert resolved.revision == {
+        "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "gguf_sha256": gguf_sha,
+        "weights_sha256": weights,
+    }
+    recorded = json.loads((path / "dprec_source.json").read_text())["files"]
+    assert recorded["model.safetensors"] == weights["model.safetensors"] and "tokenizer.json" in recorded
     t0 = time.perf_counter()
     enc = TextEncoder(resolved, batch_size=2)
     assert time.perf_counter() - t0 < 15, "the safetensors copy should load in seconds, not dequantise again"

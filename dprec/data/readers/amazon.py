@@ -8,7 +8,8 @@ Reviews: ``reviewerID``, ``asin``, ``overall`` (rating), ``unixReviewTime``. Met
   ``imageURLHighRes`` / ``imageURL`` (lists; the first high-resolution one is kept).
 
 A review without ``reviewerID`` or ``asin``, or with a non-integer time or non-numeric rating,
-is malformed. Reviews of items missing from the meta file are ``unknown_item`` skips.
+(or an ID holding a control character, see ``common.id_problem``) is malformed. Reviews of
+items missing from the meta file are ``unknown_item`` skips.
 ``image_template`` (e.g. ``/data/img/{item_id}.jpg``) sets ``image_path`` where the file exists.
 """
 
@@ -21,13 +22,23 @@ import numpy as np
 import pandas as pd
 
 from dprec.data.dataset import DatasetError
-from dprec.data.readers.common import RawData, SkipLog, apply_image_template, read_json_lines
+from dprec.data.readers.common import (
+    RawData,
+    SkipLog,
+    apply_image_template,
+    id_problem,
+    read_json_lines,
+    require_file,
+)
 
 
 def _review(rec: dict[str, Any]) -> tuple[str, str, float, int]:
     user, item = rec.get("reviewerID"), rec.get("asin")
     if not user or not item:
         raise ValueError("review without reviewerID or asin")
+    problem = id_problem(user, "reviewerID") or id_problem(item, "asin")
+    if problem:
+        raise ValueError(problem)
     rating = rec.get("overall")
     when = rec.get("unixReviewTime")
     try:
@@ -36,7 +47,7 @@ def _review(rec: dict[str, Any]) -> tuple[str, str, float, int]:
         raise ValueError(f"overall {rating!r} is not a number") from None
     if when is not None and not (isinstance(when, int) or (isinstance(when, str) and when.strip().isdigit())):
         raise ValueError(f"unixReviewTime {when!r} is not an integer")
-    return str(user), str(item), rating, int(when) if when is not None else -1
+    return str(user).strip(), str(item).strip(), rating, int(when) if when is not None else -1
 
 
 def read_reviews(path: Path, skips: SkipLog) -> pd.DataFrame:
@@ -86,6 +97,11 @@ def read_meta(path: Path, skips: SkipLog, wanted: set[str] | None) -> pd.DataFra
         if not asin:
             skips.add("malformed", path, [lineno], "meta record without asin")
             continue
+        problem = id_problem(asin, "asin")
+        if problem:
+            skips.add("malformed", path, [lineno], problem)
+            continue
+        asin = str(asin).strip()
         if wanted is not None and asin not in wanted:
             continue
         rows.append(
@@ -112,6 +128,9 @@ def read_amazon(
 ) -> RawData:
     """Reviews plus (optionally) meta; default 5-core and random split, as the MMRec benchmarks."""
     reviews_path = Path(reviews).resolve()
+    require_file(reviews_path, " (--reviews)")
+    if meta is not None:
+        require_file(Path(meta).resolve(), " (--meta)")
     if image_template and meta is None:
         raise DatasetError("--image-template needs --meta (image paths are item fields)")
     inter = read_reviews(reviews_path, skips)
@@ -136,4 +155,5 @@ def read_amazon(
         default_kcore=5,
         default_split="random",
         keep_cold_items=keep_cold_items,
+        inputs=[str(reviews_path), *([meta_path] if meta_path else [])],
     )

@@ -5,20 +5,27 @@ A reader turns one kind of input into :class:`RawData` (string IDs, source line 
 Bad input (the full table: docs/data-and-features.md): a file that is not what its name says,
 unreadable JSON documents or missing required columns are a :class:`DatasetError`; a malformed
 line or row (wrong field count, non-integer ID where one is required, bad JSON, number or date,
-missing ID) is skipped and counted as ``malformed``, and more than ``max_malformed`` of them is
-an error; with ``strict`` every skip is an error (checks run per kind over the whole file, so
-the first error reported is the first of the first failing check). Every message names
-``path:line`` (for Parquet the 1-based row number) and what was wrong; blank lines are ignored.
+JSON nested deeper than ``MAX_JSON_DEPTH``, missing ID, an ID holding a control character) is
+skipped and counted as ``malformed``, and more than ``max_malformed`` of them is an error; with
+``strict`` every skip is an error (checks run per kind over the whole file, so the first error
+reported is the first of the first failing check). Every message names ``path:line`` (for
+Parquet the 1-based row number) and what was wrong; blank lines are ignored.
+
+Text files are UTF-8; a UTF-8 byte order mark is dropped (``utf-8-sig``). A file whose first
+``SNIFF_BYTES`` (after gunzipping) are mostly not text (NUL and other control bytes, invalid
+UTF-8) is refused as "not a text file"; UTF-16/32 files are refused with the advice to convert.
 """
 
 from __future__ import annotations
 
 import ast
+import codecs
 import csv
 import gzip
 import io
 import json
 import re
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +57,25 @@ _EXTENSION_FORMATS = {
 }
 _TYPED_HEADER = re.compile(r"^([^:]+):(token|token_seq|float|float_seq)$")
 MAX_EXAMPLES = 5
+MAX_JSON_DEPTH = 100
+"""A JSON record nested deeper than this (lists and objects) is malformed: real records are a few levels deep."""
+SNIFF_BYTES = 8192
+"""How much of a text file (after gunzipping) is looked at to tell text from binary data."""
+BINARY_SHARE = 0.1
+"""A file whose sniffed head has more than this share of control bytes or invalid UTF-8 is not text."""
+UTF8_BOM = codecs.BOM_UTF8
+_WIDE_BOMS = {
+    codecs.BOM_UTF32_LE: "UTF-32",
+    codecs.BOM_UTF32_BE: "UTF-32",
+    codecs.BOM_UTF16_LE: "UTF-16",
+    codecs.BOM_UTF16_BE: "UTF-16",
+}
+# characters that may not appear in a user or item ID: C0/C1 controls (NUL included), zero-width and
+# bidirectional formatting characters, line and paragraph separators, the BOM; they make IDs that look
+# equal but are not (phantom users and items)
+ID_CONTROL_CHARS = "\x00-\x1f\x7f-\x9f\u00ad\u200b-\u200f\u2028-\u202e\u2060-\u2064\u2066-\u2069\ufeff"
+_ID_CONTROL = re.compile(f"[{ID_CONTROL_CHARS}]")
+_TEXT_CONTROL = re.compile("[\x00-\x08\x0e-\x1f\x7f\ufffd]")
 
 
 @dataclass
@@ -108,6 +134,10 @@ class RawData:
     default_kcore: int = 1
     default_split: str = "random"
     keep_cold_items: bool = False
+    inputs: list[str] = field(default_factory=list)
+    """Every file the reader read (absolute): ``prepare`` refuses an ``--out`` that is or holds one."""
+    source_folders: list[str] = field(default_factory=list)
+    """Folders read as a whole (an MMRec folder): ``prepare`` also refuses an ``--out`` inside one."""
 
 
 def detect_format(path: Path, declared: str | None = None) -> str:
@@ -131,8 +161,30 @@ def _head(path: Path, n: int = 64) -> bytes:
         raise DatasetError(f"{path}: cannot open ({exc.strerror})") from exc
 
 
+def text_problem(head: bytes) -> str | None:
+    """Why ``head`` (the first bytes of a file) is not UTF-8 text, or None if it looks like text."""
+    for bom, name in _WIDE_BOMS.items():
+        if head.startswith(bom):
+            return f"is {name} text, not UTF-8; convert it to UTF-8 (e.g. iconv -f {name} -t UTF-8)"
+    if not head:
+        return None
+    if head[:2].count(0) == 1 and head.count(0) * 3 > len(head):
+        return "not a text file (it looks like UTF-16 text without a byte order mark; convert it to UTF-8)"
+    text = codecs.getincrementaldecoder("utf-8")(errors="replace").decode(head, final=False)
+    bad = len(_TEXT_CONTROL.findall(text))
+    if text and bad > BINARY_SHARE * len(text) and (bad >= 8 or 2 * bad > len(text)):
+        return (
+            f"not a text file ({bad} of its first {len(text)} characters are control bytes or invalid UTF-8: "
+            "binary data, or text in another encoding, which must be converted to UTF-8)"
+        )
+    return None
+
+
 def open_binary_lines(path: Path) -> Iterator[bytes]:
-    """Lines of a text file, gunzipped when named ``.gz``; the content must match the name."""
+    """Lines of a UTF-8 text file (byte order mark dropped), gunzipped when named ``.gz``.
+
+    The content must match the name (gzip or not), and must look like text (see the module docstring).
+    """
     head = _head(path)
     gz_named, gz_content = path.suffix == ".gz", head.startswith(GZIP_MAGIC)
     if gz_named and not gz_content:
@@ -142,15 +194,37 @@ def open_binary_lines(path: Path) -> Iterator[bytes]:
         )
     if gz_content and not gz_named:
         raise DatasetError(f"{path}: is gzip-compressed but not named .gz; rename it to {path.name}.gz")
-    if not gz_named and (head.startswith(PARQUET_MAGIC) or b"\x00" in head):
-        kind = "Parquet" if head.startswith(PARQUET_MAGIC) else "binary data"
-        raise DatasetError(f"{path}: is {kind}, not text; give the file its real extension")
     opener = gzip.open if gz_named else open
-    with opener(path, "rb") as f:
+    try:
+        stream = opener(path, "rb")
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot open ({exc.strerror or exc})") from exc
+    with stream as f:
         try:
-            yield from f
-        except (OSError, EOFError) as exc:
-            raise DatasetError(f"{path}: corrupt gzip stream ({exc})") from exc
+            head = f.read(SNIFF_BYTES)
+            if head.startswith(PARQUET_MAGIC):
+                raise DatasetError(f"{path}: is Parquet, not text; give the file its real extension")
+            problem = text_problem(head)
+            if problem:
+                raise DatasetError(f"{path}: {problem}")
+            f.seek(0)
+            first = True
+            for line in f:
+                if first:
+                    line, first = line.removeprefix(UTF8_BOM), False
+                yield line
+        except (OSError, EOFError, zlib.error) as exc:
+            what = "corrupt gzip stream" if gz_named else "cannot read"
+            raise DatasetError(f"{path}: {what} ({getattr(exc, 'strerror', None) or exc})") from exc
+
+
+def read_text_file(path: Path) -> str:
+    """A whole UTF-8 text file (checked as :func:`open_binary_lines` does); undecodable text is an error."""
+    data = b"".join(open_binary_lines(path))
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
 
 
 def text_lines(path: Path, skips: SkipLog) -> Iterator[tuple[int, str]]:
@@ -251,17 +325,45 @@ def read_delimited(path: Path, skips: SkipLog, fmt: str = "tsv") -> pd.DataFrame
     return _read_tsv(path, skips) if fmt == "tsv" else _read_csv(path, skips)
 
 
+def too_deep(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
+    """True if ``value`` nests lists, tuples or mappings more than ``limit`` levels deep (no recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            node = list(node.values())
+        elif not isinstance(node, (list, tuple)):
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in node if isinstance(child, (list, tuple, dict)))
+    return False
+
+
+def _nesting_bound(text: str) -> int:
+    """An upper bound on the nesting depth of a JSON text (its count of opening brackets)."""
+    return text.count("[") + text.count("{") + text.count("(")
+
+
 def parse_record(text: str) -> dict[str, Any]:
-    """One JSON object; falls back to a Python literal (2014 Amazon meta). Never ``eval``."""
+    """One JSON object; falls back to a Python literal (2014 Amazon meta). Never ``eval``.
+
+    A record nested deeper than ``MAX_JSON_DEPTH`` is refused (ValueError) before it can exhaust the stack.
+    """
+    deep = ValueError(f"JSON nested more than {MAX_JSON_DEPTH} levels deep")
     try:
         value = json.loads(text)
+    except RecursionError:
+        raise deep from None
     except json.JSONDecodeError as exc:
         try:
             value = ast.literal_eval(text)
-        except (ValueError, SyntaxError, MemoryError, RecursionError):
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
             raise ValueError(f"bad JSON ({exc.msg} at column {exc.colno})") from None
     if not isinstance(value, dict):
         raise ValueError(f"expected a JSON object, found {type(value).__name__}")
+    if _nesting_bound(text) > MAX_JSON_DEPTH and too_deep(value):
+        raise deep
     return value
 
 
@@ -276,6 +378,62 @@ def read_json_lines(path: Path, skips: SkipLog) -> Iterator[tuple[int, dict[str,
             skips.add("malformed", path, [lineno], str(exc))
 
 
+_TOO_DEEP = object()  # stands for an array element nested beyond what the JSON parser can read
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+
+
+def _value_end(text: str, start: int) -> int:
+    """The index after the JSON value (array or object) that starts at ``start``, by bracket counting."""
+    depth, k, in_string = 0, start, False
+    while k < len(text):
+        ch = text[k]
+        if in_string:
+            if ch == "\\":
+                k += 1
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+            if depth == 0:
+                return k + 1
+        k += 1
+    return len(text)
+
+
+def _array_elements(text: str, path: Path) -> list[Any]:
+    """The elements of a JSON array, one at a time; an element too deep to parse becomes ``_TOO_DEEP``."""
+    decoder = json.JSONDecoder()
+
+    def fail(pos: int, what: str) -> DatasetError:
+        return DatasetError(f"{path}:{text.count(chr(10), 0, pos) + 1}: not valid JSON ({what})")
+
+    pos = _WHITESPACE.match(text, 0).end()
+    if not text.startswith("[", pos):
+        raise fail(pos, "expected a JSON array")
+    pos = _WHITESPACE.match(text, pos + 1).end()
+    out: list[Any] = []
+    if text.startswith("]", pos):
+        return out
+    while True:
+        try:
+            value, pos = decoder.raw_decode(text, pos)
+        except RecursionError:
+            value, pos = _TOO_DEEP, _value_end(text, pos)
+        except json.JSONDecodeError as exc:
+            raise fail(exc.pos, exc.msg) from exc
+        out.append(value)
+        pos = _WHITESPACE.match(text, pos).end()
+        if text.startswith("]", pos):
+            return out
+        if not text.startswith(",", pos):
+            raise fail(pos, "Expecting ',' delimiter")
+        pos = _WHITESPACE.match(text, pos + 1).end()
+
+
 def read_json_table(path: Path, skips: SkipLog) -> pd.DataFrame:
     """A JSON array of records, or JSON lines; a broken array is an error at its line."""
     lines = list(open_binary_lines(path))
@@ -286,13 +444,35 @@ def read_json_table(path: Path, skips: SkipLog) -> pd.DataFrame:
         frame["line"] = np.asarray([n for n, _ in records], dtype=np.int64)
         return frame
     try:
-        data = json.loads(b"".join(lines).decode("utf-8"))
+        text = b"".join(lines).decode("utf-8")
     except UnicodeDecodeError as exc:
         raise DatasetError(f"{path}: not UTF-8 text ({exc.reason})") from exc
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise DatasetError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}, column {exc.colno})") from exc
-    bad = [k for k, rec in enumerate(data) if not isinstance(rec, dict)]
+    except RecursionError:  # an element nested beyond the parser's limit: read element by element
+        data = _array_elements(text, path)
+    if not isinstance(data, list):
+        raise DatasetError(f"{path}: expected a JSON array of records, found {type(data).__name__}")
+    bad = [k for k, rec in enumerate(data) if not isinstance(rec, dict) and rec is not _TOO_DEEP]
     skips.add("malformed", path, [k + 1 for k in bad], "array element is not a JSON object (line = element number)")
+    deep = [k for k, rec in enumerate(data) if isinstance(rec, dict) and too_deep(rec)]
+    skips.add(
+        "malformed",
+        path,
+        [k + 1 for k in deep],
+        f"JSON nested more than {MAX_JSON_DEPTH} levels deep (line = element number)",
+    )
+    too_deep_at = set(deep)
+    data = [None if k in too_deep_at else rec for k, rec in enumerate(data)]
+    unreadable = [k for k, rec in enumerate(data) if rec is _TOO_DEEP]
+    skips.add(
+        "malformed",
+        path,
+        [k + 1 for k in unreadable],
+        "JSON nested too deeply to read (line = element number)",
+    )
     frame = pd.DataFrame([rec for rec in data if isinstance(rec, dict)])
     frame["line"] = np.asarray([k + 1 for k, rec in enumerate(data) if isinstance(rec, dict)], dtype=np.int64)
     return frame
@@ -302,7 +482,12 @@ def read_parquet(path: Path) -> pd.DataFrame:
     """A Parquet table plus ``line`` (1-based row number); text in disguise is an error."""
     head = _head(path)
     if not head.startswith(PARQUET_MAGIC):
-        looks = "gzip data" if head.startswith(GZIP_MAGIC) else f"text starting {head[:24]!r}"
+        if head.startswith(GZIP_MAGIC):
+            looks = "gzip data"
+        elif text_problem(head):
+            looks = f"binary data starting {head[:16]!r}"
+        else:
+            looks = f"text starting {head[:24]!r}"
         raise DatasetError(f"{path}: not a Parquet file (it is {looks}); give it its real extension or --format")
     try:
         frame = pd.read_parquet(path)
@@ -315,8 +500,7 @@ def read_parquet(path: Path) -> pd.DataFrame:
 def read_table(path: Path, skips: SkipLog, fmt: str | None = None) -> pd.DataFrame:
     """Any supported table, by declared or detected format, with a ``line`` column."""
     fmt = detect_format(path, fmt)
-    if not path.is_file():
-        raise DatasetError(f"{path}: no such file")
+    require_file(path)
     if fmt == "parquet":
         return read_parquet(path)
     if fmt in ("json", "jsonl"):
@@ -324,11 +508,34 @@ def read_table(path: Path, skips: SkipLog, fmt: str | None = None) -> pd.DataFra
     return read_delimited(path, skips, fmt)
 
 
+def require_file(path: Path, hint: str = "") -> Path:
+    """``path`` if it is a file; else an error saying it is missing or a folder."""
+    if path.is_dir():
+        raise DatasetError(f"{path}: is a folder, not a file{hint}")
+    if path.exists() and not path.is_file():
+        raise DatasetError(f"{path}: is not a regular file (a device, pipe or socket){hint}")
+    if not path.is_file():
+        raise DatasetError(f"{path}: no such file{hint}")
+    return path
+
+
 def require_columns(frame: pd.DataFrame, path: str | Path, columns: Sequence[str]) -> None:
     missing = [c for c in columns if c not in frame.columns]
     if missing:
         have = [c for c in frame.columns if c != "line"]
+        if not have:
+            raise DatasetError(f"{path}: missing column(s) {missing}; the file has no columns (an empty table?)")
         raise DatasetError(f"{path}: missing column(s) {missing}; the file has {have}")
+
+
+def id_problem(value: Any, what: str) -> str | None:
+    """Why ``value`` is not usable as an ID (blank, or holding a control character), or None."""
+    text = "" if value is None else str(value).strip()
+    if not text:
+        return f"{what} is missing or blank"
+    if _ID_CONTROL.search(text):
+        return f"{what} {text!r} contains a control character"
+    return None
 
 
 def contains(pool: pd.Series, values: pd.Series) -> np.ndarray:
@@ -359,7 +566,9 @@ def id_strings(
         text = values.fillna("").str.strip()
     else:
         text = values.astype(object).where(values.notna(), "").astype(str).str.strip()
-    bad = text.eq("").to_numpy(bool)
+    blank = text.eq("").to_numpy(bool)
+    control = text.str.contains(_ID_CONTROL.pattern, regex=True).fillna(False).to_numpy(bool) & ~blank
+    bad = blank | control
     if integer:
         is_int = text.str.fullmatch(r"[+-]?\d{1,18}").to_numpy(bool)
         bad = bad | ~is_int
@@ -367,12 +576,13 @@ def id_strings(
             text = text.copy()
             text[is_int] = text[is_int].astype("int64").astype(str)
     idx = np.flatnonzero(bad)
-    skips.add(
-        "malformed",
-        path,
-        lines[idx],
-        lambda k: f"{what} {text.iloc[idx[k]]!r} is not {'an integer' if integer else 'a non-empty ID'}",
-    )
+
+    def describe(k: int) -> str:
+        if control[idx[k]]:
+            return f"{what} {text.iloc[idx[k]]!r} contains a control character"
+        return f"{what} {text.iloc[idx[k]]!r} is not {'an integer' if integer else 'a non-empty ID'}"
+
+    skips.add("malformed", path, lines[idx], describe)
     return text, ~bad
 
 

@@ -28,10 +28,13 @@ from dprec.data.dataset import DatasetError
 from dprec.data.readers.common import (
     RawData,
     SkipLog,
+    id_problem,
     id_strings,
     numbers,
     read_delimited,
+    read_text_file,
     require_columns,
+    require_file,
     text_lines,
     timestamps,
 )
@@ -44,9 +47,7 @@ URL_COLUMNS = ("imUrl", "url", "image_url")
 def _find_inter(folder: Path, inter: str | None) -> Path:
     if inter:
         path = Path(inter) if Path(inter).is_absolute() or Path(inter).exists() else folder / inter
-        if not path.is_file():
-            raise DatasetError(f"{path}: no such .inter file")
-        return path
+        return require_file(path, " (--inter)")
     found = sorted(folder.glob("*.inter"))
     if len(found) != 1:
         raise DatasetError(
@@ -62,9 +63,7 @@ def _companion(folder: Path, given: str | None, default: str) -> Path | None:
     if given:
         path = Path(given)
         path = path if path.is_absolute() or path.exists() else folder / given
-        if not path.is_file():
-            raise DatasetError(f"{path}: no such file")
-        return path
+        return require_file(path)
     path = folder / default
     return path if path.is_file() else None
 
@@ -103,9 +102,11 @@ def _read_inter(path: Path, skips: SkipLog) -> pd.DataFrame:
 def _item2id(path: Path, item_keys: np.ndarray) -> pd.Series:
     """itemID -> ASIN from ``item2id.json``; every itemID of the interactions must be there."""
     try:
-        mapping = json.loads(path.read_text(encoding="utf-8"))
+        mapping = json.loads(read_text_file(path))
     except json.JSONDecodeError as exc:
         raise DatasetError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from exc
+    except RecursionError:
+        raise DatasetError(f"{path}: JSON nested too deeply to read") from None
     if not isinstance(mapping, dict) or not all(isinstance(v, int) for v in mapping.values()):
         raise DatasetError(f"{path}: expected a JSON object mapping ASIN to integer itemID")
     asin = pd.Series(list(mapping), index=list(mapping.values()), dtype=object)
@@ -127,6 +128,9 @@ def read_user_sequence(path: Path) -> pd.DataFrame:
             raise DatasetError(f"{path}:{lineno}: expected 'userASIN itemASIN ...', found {line[:60]!r}")
         if len(set(tokens[1:])) != len(tokens) - 1:
             raise DatasetError(f"{path}:{lineno}: an item appears twice in one user's sequence")
+        problem = next((p for t in tokens if (p := id_problem(t, "ASIN"))), None)
+        if problem:
+            raise DatasetError(f"{path}:{lineno}: {problem}")
         rows.extend((lineno - 1, tokens[0], item, pos) for pos, item in enumerate(tokens[1:]))
     seq = pd.DataFrame(rows, columns=["seq_line", "user_asin", "item_asin", "position"])
     if seq.drop_duplicates("seq_line")["user_asin"].duplicated().any():
@@ -212,6 +216,10 @@ def read_keywords(path: Path, skips: SkipLog) -> pd.DataFrame:
         if not asin or not tokens:
             skips.add("malformed", path, [lineno], "expected 'ASIN |tok|tok|...'")
             continue
+        problem = id_problem(asin, "ASIN")
+        if problem:
+            skips.add("malformed", path, [lineno], problem)
+            continue
         words = [t.replace("\u2581", "").strip() for t in tokens]
         rows.append(
             (
@@ -261,6 +269,8 @@ def read_mmrec(
 ) -> RawData:
     """Read an MMRec folder with its split; companions as in the module docstring ('none' disables one)."""
     folder = Path(folder).resolve()
+    if folder.is_file():
+        raise DatasetError(f"{folder}: is a file, not an MMRec folder (give the folder that holds the .inter file)")
     if not folder.is_dir():
         raise DatasetError(f"{folder}: no such folder")
     inter_path = _find_inter(folder, inter)
@@ -329,4 +339,6 @@ def read_mmrec(
         meta=meta,
         default_kcore=1,
         default_split="given" if (frame["split"] >= 0).any() else "random",
+        inputs=[str(Path(p).resolve()) for k, p in source.items() if k != "kind"] + list(features.values()),
+        source_folders=[str(folder)],
     )

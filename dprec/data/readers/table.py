@@ -30,6 +30,7 @@ from dprec.data.readers.common import (
     numbers,
     read_table,
     require_columns,
+    require_file,
     resolve,
     timestamps,
 )
@@ -126,6 +127,8 @@ class TableSpec:
 
 def preset_path(name: str) -> Path:
     """A shipped preset by name (``ml-100k``), or a YAML path."""
+    if Path(name).is_dir():
+        raise ConfigError(f"--preset {name}: is a folder, not a preset name or YAML spec file")
     if name.endswith((".yaml", ".yml")) or Path(name).is_file():
         return Path(name)
     path = Path(str(resources.files("dprec.data") / "presets" / f"{name}.yaml"))
@@ -157,9 +160,8 @@ def load_spec(preset: str | None = None, overrides: dict[str, Any] | None = None
 
 def _table_path(root: Path, path: str) -> Path:
     full = resolve(root, path)
-    if not full.is_file():
-        raise DatasetError(f"{full}: no such file (relative table paths are under --root {root})")
-    return full
+    hint = "" if Path(path).is_absolute() else f" (relative table paths are under --root {root})"
+    return require_file(full, hint)
 
 
 def read_interactions(spec: TableSpec, root: Path, skips: SkipLog) -> tuple[pd.DataFrame, Path]:
@@ -287,6 +289,8 @@ def read_items(spec: TableSpec, root: Path, skips: SkipLog) -> tuple[pd.DataFram
 def read_table_source(spec: TableSpec, root: str | Path, skips: SkipLog) -> RawData:
     """Read a table source described by ``spec`` with relative paths under ``root``."""
     root = Path(root).resolve()
+    if root.is_file():
+        raise DatasetError(f"{root}: is a file, not a folder (--root)")
     if not root.is_dir():
         raise DatasetError(f"{root}: no such folder (--root)")
     inter, inter_path = read_interactions(spec, root, skips)
@@ -308,4 +312,5 @@ def read_table_source(spec: TableSpec, root: str | Path, skips: SkipLog) -> RawD
         default_kcore=spec.kcore,
         default_split=spec.split,
         keep_cold_items=bool(spec.items and spec.items.keep_all),
+        inputs=[str(inter_path), *([items_path] if items_path else []), *meta.get("join_unmatched", {})],
     )
