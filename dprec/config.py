@@ -333,6 +333,17 @@ def add_arguments(parser: argparse.ArgumentParser | Any, cls: type, prefix: str 
         group.add_argument(flag_name(f, prefix), **kwargs)
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
 def _yaml_scalar(text: str) -> Any:
     try:
         return yaml.safe_load(text)

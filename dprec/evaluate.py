@@ -17,22 +17,11 @@ import logging
 import math
 from pathlib import Path
 
-from dprec.config import run_stage
+from dprec.config import positive_int, run_stage
 from dprec.io import log_to_console
 from dprec.training.run import load_run
 
 logger = logging.getLogger(__name__)
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import deepspeed
 
-from dprec.config import load_yaml, run_stage
+from dprec.config import load_yaml, positive_int, run_stage
 from dprec.io import log_to_console
 from dprec.tracking.fit import tracked_fit
 from dprec.training.config import load_config
@@ -47,17 +47,6 @@ from dprec.training.run import new_run_folder, save_run
 from dprec.training.signals import Interrupted, stop_on_signals
 
 PROG = "launchers/train.py"
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
