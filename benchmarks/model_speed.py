@@ -2,12 +2,15 @@
 
     python benchmarks/model_speed.py --dataset data/sports-random [--features kw=data_shards/sports/smollm2-kw#text]
                                      [--models lightgcn mgcn lgmrec dprec] [--epochs 2] [--threads 2]
+    python benchmarks/model_speed.py --dataset data/baby --shape mmrec-baby     # MMRec's feature shapes
 
 Each model trains ``--epochs`` epochs (no early stopping) in a fresh process, so the peak
 resident memory is its own; the table shows model build seconds (kNN graphs included), mean
 training seconds per epoch, seconds of one full validation ranking and the peak RSS. Without
 ``--features`` the modalities are generated (standard normal, ``--modalities`` x ``--dim``; 576 =
-SmolLM2's width): timings do not depend on the values, only the kNN neighbours do.
+SmolLM2's width; ``--shape mmrec-baby``: MMRec's image 4,096-d (VGG) + text 384-d (MiniLM) on Amazon
+Baby, ``data/baby`` from ``python -m dprec.prepare mmrec ../shared/data/amazon-baby --out data/baby``):
+timings do not depend on the values, only the kNN neighbours do.
 """
 
 from __future__ import annotations
@@ -20,9 +23,12 @@ from multiprocessing import get_context
 
 import numpy as np
 
+SHAPES = {"mmrec-baby": {"image": 4096, "text": 384}}
+"""Generated modality widths of a preset: name -> {modality: dim}."""
+
 
 def run_one(
-    dataset: str, model: str, features: dict[str, str], modalities: int, dim: int, epochs: int, threads: int
+    dataset: str, model: str, features: dict[str, str], dims: dict[str, int], epochs: int, threads: int
 ) -> dict:
     from dprec.config import from_dict
     from dprec.data.dataset import load_dataset
@@ -35,7 +41,7 @@ def run_one(
         feats, _ = load_features(features, ds)
     else:
         rng = np.random.default_rng(0)
-        feats = {f"v{i}": rng.standard_normal((ds.n_items, dim), dtype=np.float32) for i in range(modalities)}
+        feats = {name: rng.standard_normal((ds.n_items, dim), dtype=np.float32) for name, dim in dims.items()}
     cfg = from_dict(
         RunConfig,
         {"dataset": dataset, "model": {"name": model}, "train": {"epochs": epochs, "threads": threads, "seed": 1}},
@@ -69,18 +75,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", nargs="+", default=["lightgcn", "mgcn", "lgmrec", "dprec"])
     p.add_argument("--modalities", type=int, default=1, help="generated modalities (without --features)")
     p.add_argument("--dim", type=int, default=576, help="generated feature width (without --features)")
+    p.add_argument(
+        "--shape", choices=sorted(SHAPES), help="generated modalities of a preset (overrides --modalities/--dim)"
+    )
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args(argv)
     features = dict(f.split("=", 1) for f in a.features)
+    dims = SHAPES[a.shape] if a.shape else {f"v{i}": a.dim for i in range(a.modalities)}
     rows = []
     for model in a.models:  # one fresh process per model: its own peak memory
         with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
-            rows.append(
-                pool.submit(run_one, a.dataset, model, features, a.modalities, a.dim, a.epochs, a.threads).result()
-            )
+            rows.append(pool.submit(run_one, a.dataset, model, features, dims, a.epochs, a.threads).result())
         print(rows[-1], flush=True)
-    what = ", ".join(features) if features else f"{a.modalities} generated modalities x {a.dim}-d"
+    generated = " + ".join(f"{name} {dim}-d" for name, dim in dims.items())
+    what = ", ".join(features) if features else f"generated {generated}"
     print(f"\n{a.dataset}, features: {what}, {a.threads} threads, {a.epochs} epochs\n")
     print("| model | parameters | build s | train s/epoch | eval s | peak MiB | epoch time / LightGCN |")
     print("|---|---|---|---|---|---|---|")
