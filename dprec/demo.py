@@ -26,12 +26,13 @@ from pathlib import Path
 
 import yaml
 
-from dprec.config import DPRecError, run_stage
+from dprec.config import DPRecError, load_yaml, run_stage
 from dprec.training.config import RunConfig, TrainConfig
 from dprec.training.loop import Trainer
 from dprec.training.metrics import format_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
 
 
 class StepFailed(DPRecError, RuntimeError):
@@ -104,18 +105,15 @@ def run_demo(args: argparse.Namespace) -> int:
     )
 
     config = workdir / f"{args.model}.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "dataset": str(data),
-                "out": str(workdir / "runs" / args.model),
-                "features": {"text": f"{shards}#text", "image": f"{shards}#image"},
-                "model": {"name": args.model},
-                "train": {"epochs": args.epochs, "patience": 10, "seed": args.seed},
-            },
-            sort_keys=False,
-        )
+    run = load_yaml(DEMO_CONFIG)  # configs/demo.yaml, with this demo's folders, model, epochs and seed
+    run.update(
+        dataset=str(data),
+        out=str(workdir / "runs" / args.model),
+        features={"text": f"{shards}#text", "image": f"{shards}#image"},
+        model={"name": args.model},
+        train={**run["train"], "epochs": args.epochs, "seed": args.seed},
     )
+    config.write_text(yaml.safe_dump(run, sort_keys=False))
     trained = last_json(
         run_step(
             f"3/5 train: {args.model} with DeepSpeed on 2 local processes, tracked and registered in MLflow",

@@ -52,24 +52,9 @@ def summary_line(capsys) -> dict:
 
 def test_cli_local_run_prints_one_json_summary(dataset, tmp_path, capsys):
     out = tmp_path / "feats"
-    rc = extract.main(
-        [
-            "--dataset",
-            str(dataset),
-            "--out",
-            str(out),
-            "--executor",
-            "local",
-            "--text-model",
-            "none",
-            "--items-per-shard",
-            "3",
-            "--store-dtype",
-            "float16",
-            "--torch-threads",
-            "1",
-        ]
-    )
+    argv = ["--dataset", str(dataset), "--out", str(out), "--executor", "local", "--text-model", "none"]
+    argv += ["--items-per-shard", "3", "--store-dtype", "float16", "--torch-threads", "1"]
+    rc = extract.main(argv)
     assert rc == 0
     summary = summary_line(capsys)
     assert summary["event"] == "extract_summary"
@@ -80,24 +65,7 @@ def test_cli_local_run_prints_one_json_summary(dataset, tmp_path, capsys):
     assert load_manifest(out)["spec"]["store_dtype"] == "float16"
     assert json.loads((out / "extract_config.json").read_text())["items_per_shard"] == 3
 
-    rc = extract.main(
-        [
-            "--dataset",
-            str(dataset),
-            "--out",
-            str(out),
-            "--executor",
-            "local",
-            "--text-model",
-            "none",
-            "--items-per-shard",
-            "3",
-            "--store-dtype",
-            "float16",
-            "--torch-threads",
-            "1",
-        ]
-    )
+    rc = extract.main(argv)
     assert rc == 0
     again = summary_line(capsys)
     assert (again["shards_written"], again["shards_skipped"]) == (0, 3)

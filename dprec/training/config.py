@@ -55,7 +55,6 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_types(self)
-        self.ks = tuple(int(k) for k in self.ks)
         if not 0 < self.lr_decay <= 1:
             raise ValueError(f"train.lr_decay must lie in (0, 1], got {self.lr_decay}")
         for name in ("epochs", "batch_size", "patience", "eval_every", "eval_chunk_size", "lr_decay_every"):
