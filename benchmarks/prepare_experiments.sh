@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Datasets and feature sets of the experiment grids (benchmarks/grids/*.yaml), from ../shared/data.
-#   bash benchmarks/prepare_experiments.sh [ml100k] [sports] [default]      (default: all three)
+#   bash benchmarks/prepare_experiments.sh [ml100k] [sports] [scientific] [instruments] [default]   (default: all)
 # Writes data/<name>/ and data_shards/<catalogue>/<feature-set>/; a rerun skips finished work
 # (complete shards are kept). Each catalogue's features serve all its splits (items hash).
 set -euo pipefail
@@ -15,6 +15,8 @@ LLM_A=$'This movie: "Title: {title}\nDescription: {description}" means in one wo
 LLM_B=$'This movie: "Genres: {categories}\nYear: {release_year}\nDirector: {director}\nCast: {cast}" means in one word:"'
 ENC_A=$'Title: {title}\nDescription: {description}'
 ENC_B=$'Genres: {categories}\nYear: {release_year}\nDirector: {director}\nCast: {cast}'
+# every standard text field, labelled, in prompt order (title, brand, categories, description); empty ones left out
+ENC_ITEM='{item}'
 
 ml100k() {
   for split in random chrono; do
@@ -43,9 +45,43 @@ sports() {
   # the reader puts the keywords into the description as "Keywords: rack, fenders, ..."
   "${EXTRACT[@]}" --dataset data/sports-chrono --out data_shards/sports/smollm2-kw --text-model smollm2 \
     --items-per-shard 1024 --prompt-template 'This product: "{description}" means in one word:"'
-
+  # the same interactions with real item text (item_text.tsv: the short title; the brand and category path as
+  # categories) beside the keywords: another catalogue, so its own datasets and feature folder
+  for split in chrono random; do
+    [ -f "data/sports-text-$split/dataset.json" ] || "$PY" -m dprec.prepare mmrec "$SHARED/amazon-sports" \
+      --user-sequence "$SHARED/amazon-sports/user_sequence.txt" --item-text "$SHARED/amazon-sports/item_text.tsv" \
+      --item-keywords "$SHARED/amazon-sports/item_keywords.txt" --out "data/sports-text-$split" --split "$split" --seed 0
+  done
+  "${EXTRACT[@]}" --dataset data/sports-text-chrono --out data_shards/sports-text/minilm --text-model minilm \
+    --items-per-shard 1024 --prompt-template "$ENC_ITEM"
 }
 
-for target in "${@:-ml100k sports default}"; do
+scientific() {
+  # Industrial and Scientific (LC-Rec layout): full item text; each user's list is in time order (position = time)
+  for split in random chrono; do
+    [ -f "data/scientific-$split/dataset.json" ] || "$PY" -m dprec.prepare sequence \
+      --interactions "$SHARED/amazon-scientific/Scientific.inter.json" \
+      --items "$SHARED/amazon-scientific/Scientific.item.json" --out "data/scientific-$split" --split "$split" --seed 0
+  done
+  "${EXTRACT[@]}" --dataset data/scientific-random --out data_shards/scientific/minilm --text-model minilm \
+    --prompt-template "$ENC_ITEM"
+}
+
+instruments() {
+  # Musical Instruments: no item text; item and user ASINs through the ID maps
+  for split in random chrono; do
+    [ -f "data/instruments-$split/dataset.json" ] || "$PY" -m dprec.prepare sequence \
+      --interactions "$SHARED/amazon-instruments/Instruments.inter.json" \
+      --item-ids "$SHARED/amazon-instruments/Instruments.item2id" \
+      --user-ids "$SHARED/amazon-instruments/Instruments.user2id" --out "data/instruments-$split" --split "$split" --seed 0
+  done
+  # text and image codes, one-hot per level (4 levels x 256 values = 1,024-d each), joined through the item map
+  # prepare recorded; two modalities of one folder (#text_codes, #image_codes); 0/1 are exact in float16
+  "$PY" -m dprec.extract import-codes --dataset data/instruments-random --out data_shards/instruments/codes \
+    --codes "$SHARED/amazon-instruments/Instruments.text_codes.json" "$SHARED/amazon-instruments/Instruments.image_codes.json" \
+    --modality text_codes image_codes --store-dtype float16
+}
+
+for target in "${@:-ml100k sports scientific instruments default}"; do
   for t in $target; do "$t"; done
 done

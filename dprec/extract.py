@@ -11,8 +11,10 @@ On a cluster (``cluster/ray-cluster.yaml``; the runtime env keeps outputs and .v
         --image-model google/siglip-base-patch16-224 --text-actors 4 --image-actors 2 --out data_shards/default/big
 
 MMRec features: ``python -m dprec.extract import-mmrec --dataset data/baby --text-feat text_feat.npy
---out data_shards/baby/mmrec``. Flags come from :mod:`dprec.features.config`. A rerun computes
-only the shards the manifest does not list; progress goes to stdout line by line (``ray job
+--out data_shards/baby/mmrec``. Per-item discrete codes (one-hot per level, :mod:`dprec.features.codes`):
+``python -m dprec.extract import-codes --dataset data/instruments-random --codes Instruments.text_codes.json
+Instruments.image_codes.json --modality text_codes image_codes --out data_shards/instruments/codes``.
+Flags come from :mod:`dprec.features.config`. A rerun computes only the shards the manifest does not list; progress goes to stdout line by line (``ray job
 logs``), the last line is one JSON summary. ``main`` returns 0, or 2 with the error on stderr as one
 ``extract: error: ...`` line (the user's mistakes, OS errors included, never as a traceback).
 """
@@ -23,7 +25,7 @@ import argparse
 import sys
 
 from dprec.config import DPRecError, add_arguments, args_dict, from_args, from_dict, run_stage
-from dprec.features.config import ExtractConfig, ImageConfig, MMRecImportConfig, TextConfig
+from dprec.features.config import CodesImportConfig, ExtractConfig, ImageConfig, MMRecImportConfig, TextConfig
 from dprec.features.hf import one_line
 from dprec.features.pipeline import ExtractError, import_mmrec, run_extract
 from dprec.io import log_to_console
@@ -45,6 +47,12 @@ def _mmrec_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _codes_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m dprec.extract import-codes", description=CodesImportConfig.__doc__)
+    add_arguments(p, CodesImportConfig)
+    return p
+
+
 def config_from_args(args: argparse.Namespace) -> ExtractConfig:
     """The run the flags describe; a modality whose model is ``none`` is left out."""
     modalities = {}
@@ -55,7 +63,7 @@ def config_from_args(args: argparse.Namespace) -> ExtractConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run extraction (or ``import-mmrec``) as ``argv`` says; 0 on success, 2 on failure."""
+    """Run extraction (or ``import-mmrec`` / ``import-codes``) as ``argv`` says; 0 on success, 2 on failure."""
     argv = list(sys.argv[1:] if argv is None else argv)
     log_to_console()
 
@@ -63,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if argv[:1] == ["import-mmrec"]:
                 summary = import_mmrec(from_args(MMRecImportConfig, _mmrec_parser().parse_args(argv[1:])))
+            elif argv[:1] == ["import-codes"]:
+                from dprec.features.codes import import_codes
+
+                summary = import_codes(from_args(CodesImportConfig, _codes_parser().parse_args(argv[1:])))
             else:
                 summary = run_extract(config_from_args(_extract_parser().parse_args(argv)))
         except DPRecError as exc:  # a message from a library (a model's loader, Ray) may span lines: one line

@@ -3,6 +3,8 @@
 Local commands (the same on a cluster head node; prepare runs on one machine)::
 
     python -m dprec.prepare mmrec ../shared/data/amazon-baby --out data/baby       # MMRec folder, its split
+    python -m dprec.prepare sequence --interactions Scientific.inter.json --items Scientific.item.json \\
+        --split chrono --out data/scientific-chrono                             # {"user": [items in time order]}
     python -m dprec.prepare amazon --reviews reviews_Baby_5.json.gz --meta meta_Baby.json.gz --out data/baby-raw
     python -m dprec.prepare table --preset ml-100k --root ../shared/data/ml-100k --out data/ml-100k
     python -m dprec.prepare table --interactions ratings.csv --user-col uid --item-col iid --time-col ts \\
@@ -47,6 +49,7 @@ from dprec.data.readers import (
     load_spec,
     read_amazon,
     read_mmrec,
+    read_sequence,
     read_table_source,
 )
 from dprec.data.readers.table import TableSpec, preset_path
@@ -79,6 +82,17 @@ def _parser() -> argparse.ArgumentParser:
     mmrec.add_argument("--image-urls", help="itemID,asin,imUrl CSV (default: <name>_image_urls.csv if present)")
     mmrec.add_argument("--user-sequence", help="userASIN itemASIN... per line: ASINs and chronological positions")
     mmrec.add_argument("--item-keywords", help="'ASIN |tok|tok' per line: keywords as item description")
+    mmrec.add_argument(
+        "--item-text", help="'asin<TAB>short_title<TAB>attributes' TSV with that header: title and categories"
+    )
+
+    sequence = sub.add_parser("sequence", help='per-user item lists in time order, {"<user>": [item, ...]} (JSON)')
+    sequence.add_argument("--interactions", type=Path, required=True, help='{"<user>": [item, ...]} JSON file')
+    sequence.add_argument(
+        "--items", type=Path, help='{"<item>": {"title", "description", "brand", "categories"}} JSON file'
+    )
+    sequence.add_argument("--item-ids", type=Path, help="'ASIN<TAB>index' lines: store item ASINs, not indices")
+    sequence.add_argument("--user-ids", type=Path, help="'ASIN<TAB>index' lines: store user ASINs, not indices")
 
     amazon = sub.add_parser("amazon", help="raw Amazon reviews + meta (2014 or 2018, JSON lines, .gz ok)")
     amazon.add_argument("--reviews", type=Path, required=True)
@@ -173,11 +187,14 @@ def declared_inputs(args: argparse.Namespace, spec: TableSpec | None = None) -> 
     folders: list[Path] = []
     if args.source == "mmrec":
         folders.append(args.folder)
-        for given in (args.inter, args.item_ids, args.image_urls, args.user_sequence, args.item_keywords):
+        named = (args.inter, args.item_ids, args.image_urls, args.user_sequence, args.item_keywords, args.item_text)
+        for given in named:
             if given and given != "none":
                 files += [Path(given), args.folder / given]
     elif args.source == "amazon":
         files += [args.reviews, *([args.meta] if args.meta else [])]
+    elif args.source == "sequence":
+        files += [p for p in (args.interactions, args.items, args.item_ids, args.user_ids) if p is not None]
     elif args.source == "table" and spec is not None:
         if args.preset:
             try:
@@ -242,7 +259,10 @@ def read_source(
             image_urls=args.image_urls,
             user_sequence=args.user_sequence,
             item_keywords=args.item_keywords,
+            item_text=args.item_text,
         )
+    if args.source == "sequence":
+        return read_sequence(args.interactions, skips, args.items, args.item_ids, args.user_ids)
     if args.source == "amazon":
         return read_amazon(
             args.reviews,

@@ -2,13 +2,14 @@
 
 ``ExtractConfig`` is one ``python -m dprec.extract`` run (saved as ``extract_config.json`` beside
 the shards), with a ``TextConfig`` and an ``ImageConfig`` (either ``None``: no such modality);
-``MMRecImportConfig`` is one ``import-mmrec`` run. Both share ``FeatureSetConfig``: where the
-features go and how they are stored. Allowed values are ``Literal`` annotations, checked by
+``MMRecImportConfig`` is one ``import-mmrec`` run and ``CodesImportConfig`` one ``import-codes``
+run. All share ``FeatureSetConfig``: where the features go and how they are stored. Allowed values are ``Literal`` annotations, checked by
 :func:`dprec.config.from_dict`; ranges and cross-field rules are checked in ``__post_init__``.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -202,3 +203,51 @@ class MMRecImportConfig(FeatureSetConfig):
         super().__post_init__()
         if self.text_feat is None and self.image_feat is None:
             raise ValueError("import-mmrec: give --text-feat and/or --image-feat")
+
+
+MODALITY_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
+
+
+@dataclass
+class CodesImportConfig(FeatureSetConfig):
+    """Per-item discrete codes, ``{"<item>": ["<a_170>", "<b_224>", ...]}`` -> one-hot-per-level shards.
+
+    Every item's code list (one code ``<level_value>`` per level) becomes ``levels x values`` numbers:
+    a one per level at the code's value, zeros elsewhere (4 levels of 256 values: 1,024-d). The
+    levels and the value range are inferred from the file and recorded in the manifest.
+    """
+
+    codes: list[str] = field(default_factory=list)
+    """Code files (JSON), one per modality: ``--codes text.json image.json --modality text_codes image_codes``."""
+    modality: list[str] = field(default_factory=list)
+    """The modality name of each code file, in the same order (what ``features: {x: folder#name}`` reads)."""
+    item_ids: str | None = None
+    """``ASIN<TAB>index`` map from the files' keys to the dataset's item IDs; default: the item map prepare read
+    (``source.item_ids`` in dataset.json), else none; ``none``: the keys are the dataset's item IDs."""
+    values_per_level: int | None = None
+    """Values a level can take (codes 0..N-1); default: the largest value in the file + 1."""
+    max_missing_share: float = 0.01
+    """Most share of the dataset's items without a well-formed code (absent from the file, or malformed) per
+    modality; above it the import fails (a wrong file or a wrong key map)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.codes:
+            raise ValueError("import-codes: give --codes FILE [FILE ...] and --modality NAME [NAME ...]")
+        if len(self.modality) != len(self.codes):
+            raise ValueError(
+                f"import-codes: {len(self.codes)} --codes file(s) but {len(self.modality)} --modality name(s); "
+                "give one name per file, in the same order"
+            )
+        for name in self.modality:
+            if not MODALITY_NAME.fullmatch(str(name)) or name.endswith("_missing") or name == "item_id":
+                raise ValueError(
+                    f"--modality {name!r}: use lower-case letters, digits and _ (e.g. text_codes), "
+                    "not ending in _missing"
+                )
+        if len(set(self.modality)) != len(self.modality):
+            raise ValueError(f"--modality names must differ, got {self.modality}")
+        if self.values_per_level is not None and self.values_per_level < 1:
+            raise ValueError(f"values_per_level must be >= 1, got {self.values_per_level}")
+        if not 0 <= self.max_missing_share <= 1:
+            raise ValueError(f"max_missing_share must lie in [0, 1], got {self.max_missing_share}")

@@ -2,9 +2,10 @@
 
 A feature folder holds ``items-%06d.tar`` WebDataset shards and ``manifest.json``. Shard ``s``
 holds exactly items ``s * items_per_shard`` up to the next shard's first, one sample per item in
-item order, keyed by the item index as ``%09d``; members ``text.npy`` / ``image.npy`` (one vector,
-float16 or float32, zero where the modality is missing; read with ``allow_pickle=False``) and
-``meta.json`` (``item_id``, ``item_idx``, ``text_missing``, ``image_missing``, ``flags``).
+item order, keyed by the item index as ``%09d``; members ``text.npy`` / ``image.npy`` (or ``<m>.npy``
+for another modality, e.g. imported codes; one vector, float16 or float32, zero where the modality
+is missing; read with ``allow_pickle=False``) and ``meta.json`` (``item_id``, ``item_idx``,
+``<m>_missing`` per modality, ``flags``; :func:`missing_flags` says which flags mean missing).
 Tars are written by webdataset's ``TarWriter`` and are byte-deterministic (members sorted, mtime
 0, uid/gid 0, no owner names, mode 0644, ustar headers); each is written atomically. The manifest
 (rewritten atomically after every shard, ``complete`` last) holds the ``spec`` (items hash,
@@ -61,12 +62,25 @@ MISSING_FLAGS = {
         "image_overflow",
     ),
 }
+CODE_FLAGS = ("code_missing", "code_malformed")
+"""Per-item faults of imported codes (``dprec.features.codes``), ``<m>_code_missing`` / ``<m>_code_malformed``."""
 MAX_LOGGED_NONFINITE = 5
 log = logging.getLogger(__name__)
 
 
 class ShardError(DPRecError, ValueError):
     """A feature folder breaks the shard contract; the message names the shard (or manifest) and the fault."""
+
+
+def missing_flags(modality: str) -> tuple[str, ...]:
+    """The flags that mark an item's ``modality`` vector as missing (a zero vector).
+
+    ``text`` and ``image`` have their tables (``MISSING_FLAGS``); any other modality (imported
+    codes, ``text_codes``) is missing when non-finite, overflowing or a code fault. A code fault
+    marks any modality missing, so codes may also be imported under the name ``text`` or ``image``.
+    """
+    own = MISSING_FLAGS.get(modality, (f"{modality}_nonfinite", f"{modality}_overflow"))
+    return (*own, *(f"{modality}_{kind}" for kind in CODE_FLAGS))
 
 
 def shard_name(shard: int) -> str:
@@ -274,19 +288,20 @@ class FeatureSetWriter:
             if vec.shape[1] != dim:
                 raise ShardError(f"shard {shard_name(shard)}: {m} dim {vec.shape[1]}, earlier shards have {dim}")
         vectors, flags = self._zero_nonfinite(first, vectors, flags)
-        metas, kinds, missing = [], {}, dict.fromkeys(vectors, 0)
+        metas, kinds, n_missing = [], {}, dict.fromkeys(vectors, 0)
+        missing = {m: missing_flags(m) for m in vectors}
         for row in range(count):
             item_flags = sorted(set(flags[row]))
             meta = {"item_id": item_ids[row], "item_idx": first + row, "flags": item_flags}
             for m in vectors:
-                meta[f"{m}_missing"] = any(f in MISSING_FLAGS[m] for f in item_flags)
-                missing[m] += meta[f"{m}_missing"]
+                meta[f"{m}_missing"] = any(f in missing[m] for f in item_flags)
+                n_missing[m] += meta[f"{m}_missing"]
             for f in item_flags:
                 kinds[f] = kinds.get(f, 0) + 1
             metas.append(meta)
         data = shard_bytes(np.arange(first, stop), vectors, metas, self.spec["store_dtype"])
         entry = write_shard(self.folder, shard, data)
-        entry.update(shard=shard, first_item=first, last_item=stop - 1, count=count, missing=missing, flags=kinds)
+        entry.update(shard=shard, first_item=first, last_item=stop - 1, count=count, missing=n_missing, flags=kinds)
         self.entries[shard] = entry
         self._write_manifest()
         return entry

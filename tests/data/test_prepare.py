@@ -10,7 +10,6 @@ import contextlib
 import gzip
 import io
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -22,16 +21,7 @@ from dprec.data.readers import BuildOptions, SkipLog, build_dataset, read_amazon
 from dprec.data.readers.mmrec import align_to_user_sequence, read_user_sequence
 from dprec.data.splits import assign_split
 from dprec.prepare import main
-
-
-def shared(name: str) -> Path:
-    root = Path(os.environ.get("DPREC_SHARED_DATA", Path(__file__).resolve().parents[2].parent / "shared" / "data"))
-    if not (root / name).is_dir():
-        pytest.skip(
-            f"real dataset {name!r} not found under {root} (a fresh clone has no ../shared; "
-            "set DPREC_SHARED_DATA to the shared data folder)"
-        )
-    return root / name
+from tests.shared_data import shared
 
 
 def run(argv: list[str]) -> tuple[int, dict, str]:

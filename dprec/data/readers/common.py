@@ -379,6 +379,8 @@ def read_json_lines(path: Path, skips: SkipLog) -> Iterator[tuple[int, dict[str,
 
 
 _TOO_DEEP = object()  # stands for an array element nested beyond what the JSON parser can read
+TOO_DEEP = _TOO_DEEP
+"""A JSON value nested beyond what the parser can read (from :func:`read_json_object`)."""
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
 
 
@@ -432,6 +434,63 @@ def _array_elements(text: str, path: Path) -> list[Any]:
         if not text.startswith(",", pos):
             raise fail(pos, "Expecting ',' delimiter")
         pos = _WHITESPACE.match(text, pos + 1).end()
+
+
+def read_json_object(path: Path) -> list[tuple[str, Any, int]]:
+    """The entries of a file holding one JSON object, in file order: (key, value, line of the key).
+
+    The object is read entry by entry, so a repeated key is seen (both are returned; json.loads
+    would keep the last silently), each entry carries the line it starts on, and a value nested
+    too deeply to parse becomes ``TOO_DEEP`` instead of failing the file. Invalid JSON, or a
+    document that is not one object, is a :class:`DatasetError` naming ``path:line``.
+    """
+    text = read_text_file(path)
+    decoder = json.JSONDecoder()
+
+    def fail(pos: int, what: str) -> DatasetError:
+        return DatasetError(f"{path}:{text.count(chr(10), 0, pos) + 1}: not valid JSON ({what})")
+
+    pos = _WHITESPACE.match(text, 0).end()
+    if pos == len(text):
+        raise DatasetError(f"{path}: empty file (expected one JSON object)")
+    if not text.startswith("{", pos):
+        found = "an array" if text.startswith("[", pos) else "something else"
+        raise DatasetError(f"{path}: expected one JSON object {{key: value, ...}}, found {found}")
+    entries: list[tuple[str, Any, int]] = []
+    line, counted = 1, 0
+    pos = _WHITESPACE.match(text, pos + 1).end()
+    if text.startswith("}", pos):
+        pos += 1
+    else:
+        while True:
+            if not text.startswith('"', pos):
+                raise fail(pos, "Expecting property name enclosed in double quotes")
+            try:
+                key, end = decoder.raw_decode(text, pos)
+            except json.JSONDecodeError as exc:
+                raise fail(exc.pos, exc.msg) from exc
+            line, counted = line + text.count("\n", counted, pos), pos
+            pos = _WHITESPACE.match(text, end).end()
+            if not text.startswith(":", pos):
+                raise fail(pos, "Expecting ':' delimiter")
+            pos = _WHITESPACE.match(text, pos + 1).end()
+            try:
+                value, pos = decoder.raw_decode(text, pos)
+            except RecursionError:
+                value, pos = TOO_DEEP, _value_end(text, pos)
+            except json.JSONDecodeError as exc:
+                raise fail(exc.pos, exc.msg) from exc
+            entries.append((key, value, line))
+            pos = _WHITESPACE.match(text, pos).end()
+            if text.startswith("}", pos):
+                pos += 1
+                break
+            if not text.startswith(",", pos):
+                raise fail(pos, "Expecting ',' delimiter")
+            pos = _WHITESPACE.match(text, pos + 1).end()
+    if _WHITESPACE.match(text, pos).end() != len(text):
+        raise fail(pos, "Extra data after the object")
+    return entries
 
 
 def read_json_table(path: Path, skips: SkipLog) -> pd.DataFrame:

@@ -13,6 +13,9 @@ Optional companions (found in the folder, or named by flags):
   and a chronological position used as the timestamp. The ``.inter`` IDs are matched to it by
   structure (see :func:`align_to_user_sequence`), and any mismatch is an error.
 - ``item_keywords.txt`` (``ASIN |tok|tok|...``): item keywords as the description; needs ASINs.
+- ``item_text.tsv`` (header ``asin<TAB>short_title<TAB>attributes``): ``title`` = the short title,
+  ``categories`` = the attribute names (`` | ``-separated in the file: brand and category path);
+  needs ASINs. Items without a row keep empty fields (``item_text_missing`` in ``dataset.json``).
 """
 
 from __future__ import annotations
@@ -235,6 +238,32 @@ def read_keywords(path: Path, skips: SkipLog) -> pd.DataFrame:
     return frame[~dup]
 
 
+ITEM_TEXT_COLUMNS = ("asin", "short_title", "attributes")
+
+
+def read_item_text(path: Path, skips: SkipLog) -> pd.DataFrame:
+    """``asin<TAB>short_title<TAB>attributes`` rows (header first): ``item_id``, ``title``, ``categories``."""
+    frame = read_delimited(path, skips, "tsv")
+    if [c for c in frame.columns if c != "line"] != list(ITEM_TEXT_COLUMNS):
+        found = "\t".join(c for c in frame.columns if c != "line")
+        raise DatasetError(
+            f"{path}:1: expected the header line 'asin<TAB>short_title<TAB>attributes', found {found[:80]!r}"
+        )
+    lines = frame["line"].to_numpy()
+    asin, keep = id_strings(frame["asin"], path, lines, skips, "asin")
+    frame = frame.assign(item_id=asin.to_numpy(object))[keep]
+    dup = frame["item_id"].duplicated()
+    skips.add("duplicate_item", path, frame.loc[dup, "line"].to_numpy(), "ASIN listed again; kept the first")
+    frame = frame[~dup]
+    title = frame["short_title"].map(lambda t: " ".join(t.split()))
+    categories = frame["attributes"].map(
+        lambda a: "|".join(dict.fromkeys(n.strip().replace("|", "/") for n in a.split(" | ") if n.strip()))
+    )
+    return pd.DataFrame(
+        {"item_id": frame["item_id"].to_numpy(object), "title": title.to_numpy(object), "categories": categories}
+    )
+
+
 def _image_urls(path: Path, skips: SkipLog, asin_of_item: pd.Series | None) -> pd.Series:
     """itemID -> URL; an ``asin`` column must agree with the known ASINs."""
     frame = read_delimited(path, skips, "csv")
@@ -266,6 +295,7 @@ def read_mmrec(
     image_urls: str | None = None,
     user_sequence: str | None = None,
     item_keywords: str | None = None,
+    item_text: str | None = None,
 ) -> RawData:
     """Read an MMRec folder with its split; companions as in the module docstring ('none' disables one)."""
     folder = Path(folder).resolve()
@@ -314,12 +344,22 @@ def read_mmrec(
     if url_path is not None:
         items["image_url"] = items["item_key"].map(_image_urls(url_path, skips, asin_of_item)).fillna("")
         source["image_urls"] = str(url_path)
-    if item_keywords:
-        if asin_of_item is None:
+    for what, given in (("item keywords are", item_keywords), ("item text is", item_text)):
+        if given and asin_of_item is None:
             raise DatasetError(
-                f"{folder}: item keywords are keyed by ASIN, but the item IDs have no ASINs; "
+                f"{folder}: {what} keyed by ASIN, but the item IDs have no ASINs; "
                 "pass --user-sequence (or provide item2id.json)"
             )
+    if item_text:
+        text_path = _companion(folder, item_text, "item_text.tsv")
+        text = read_item_text(text_path, skips)
+        items = items.merge(text, on="item_id", how="left")
+        matched = items["title"].notna()
+        meta["item_text_matched"] = int(matched.sum())
+        meta["item_text_missing"] = int((~matched).sum())
+        meta["item_text_rows_unmatched"] = int((~text["item_id"].isin(items["item_id"])).sum())
+        source["item_text"] = str(text_path)
+    if item_keywords:
         kw_path = _companion(folder, item_keywords, "item_keywords.txt")
         keywords = read_keywords(kw_path, skips)
         items = items.merge(keywords.drop(columns="line"), on="item_id", how="left")
