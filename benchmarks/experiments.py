@@ -15,11 +15,18 @@ dataset and model (a model may also carry ``modalities_from:``, the feature view
 
 Tables are printed as markdown and written beside the grid's output folder (``results.md``,
 ``results.json``).
+
+Resumable: every finished run writes one small JSON file (config, config hash, seed, valid and test metrics,
+best epoch, seconds) under ``--results`` (default ``benchmarks/results/<grid>/``), named
+``<dataset>/<model>-<config hash>-s<seed>.json``; a rerun reads a run whose file exists instead of training it,
+so a grid finishes over several sessions and its tables are rebuilt from the files. The per-dataset summary is
+``<dataset>.summary.json``: ``{model: {"recall@20": {"mean", "std", "n"}, ..., "features": ...}}``.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
 import time
@@ -43,19 +50,60 @@ def search_points(search: dict[str, list[Any]]) -> list[dict[str, Any]]:
     return [dict(zip(keys, values, strict=True)) for values in itertools.product(*(search[k] for k in keys))] or [{}]
 
 
-def train_once(dataset: str, features: dict[str, np.ndarray], model: dict, train: dict, seed: int, ds) -> dict:
+def config_hash(config: dict) -> str:
+    """12 hex digits of the sha256 of the run's canonical JSON (seed excluded: it is in the file name)."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def train_once(
+    dataset: str,
+    features: dict[str, np.ndarray],
+    model: dict,
+    train: dict,
+    seed: int,
+    ds,
+    feature_names: str = "",
+    results: Path | None = None,
+) -> dict:
+    """One training run, or its result file under ``results`` when that exists (None: nothing is cached)."""
+    identity = {
+        "dataset": dataset,
+        "dataset_hash": ds.meta.get("content_hash", ""),
+        "features": feature_names,
+        "model": model,
+        "train": {k: v for k, v in train.items() if k != "threads"},
+    }
+    digest = config_hash(identity)
+    path = None if results is None else results / f"{model['name']}-{digest}-s{seed}.json"
+    if path is not None and path.is_file():
+        return json.loads(path.read_text())
     cfg = from_dict(RunConfig, {"dataset": dataset, "model": model, "train": {**train, "seed": seed}}, "experiment")
     t0 = time.perf_counter()
-    result = Trainer(cfg, ds, features=features).fit(log=lambda line: None)
-    return {
+    trainer = Trainer(cfg, ds, features=features)
+    result = trainer.fit(log=lambda line: None)
+    epochs = [row["train_seconds"] for row in result["history"] if "train_seconds" in row]
+    out = {
+        "config": identity,
+        "config_hash": digest,
+        "seed": seed,
         "valid": result["valid"],
         "test": result["test"],
         "best_epoch": result["best_epoch"],
+        "epochs": len(result["history"]),
+        "seconds_per_epoch": float(np.mean(epochs)) if epochs else 0.0,
         "seconds": time.perf_counter() - t0,
     }
+    if path is not None:
+        from dprec.io import atomic_write_text
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(out, indent=1, sort_keys=True) + "\n")
+    return out
 
 
-def run_model(name: str, spec: dict, data: dict, train: dict, seeds: list[int], ds, features) -> dict:
+def run_model(
+    name: str, spec: dict, data: dict, train: dict, seeds: list[int], ds, features, results: Path | None = None
+) -> dict:
     """Select the search point on validation with the first seed, then train the kept point with every seed.
 
     ``spec`` is the model section plus optional ``search:`` (lists of values), ``modalities_from:`` (feature
@@ -66,9 +114,10 @@ def run_model(name: str, spec: dict, data: dict, train: dict, seeds: list[int], 
     train = {**train, **spec.get("train", {})}
     views = model.pop("modalities_from", None)
     feats = {k: v for k, v in features.items() if views is None or k in views}
+    names = ",".join(f"{k}={data['features'][k]}" for k in sorted(feats))
     trials = []
     for point in search_points(spec.get("search", {})):
-        r = train_once(data["dataset"], feats, {**model, **point}, train, seeds[0], ds)
+        r = train_once(data["dataset"], feats, {**model, **point}, train, seeds[0], ds, names, results)
         trials.append((r["valid"]["recall@20"], point, r))
         print(
             f"    {name} {point or '(defaults)'}: valid R@20 {r['valid']['recall@20']:.4f} "
@@ -76,7 +125,9 @@ def run_model(name: str, spec: dict, data: dict, train: dict, seeds: list[int], 
             flush=True,
         )
     _, best_point, first = max(trials, key=lambda t: t[0])
-    runs = [first] + [train_once(data["dataset"], feats, {**model, **best_point}, train, s, ds) for s in seeds[1:]]
+    runs = [first] + [
+        train_once(data["dataset"], feats, {**model, **best_point}, train, s, ds, names, results) for s in seeds[1:]
+    ]
     test = {m: [r["test"][m] for r in runs] for m in METRICS}
     summary = {m: (float(np.mean(v)), float(np.std(v))) for m, v in test.items()}
     print(f"  {name}: " + "  ".join(f"{m} {mu:.4f}±{sd:.4f}" for m, (mu, sd) in summary.items()), flush=True)
@@ -86,20 +137,32 @@ def run_model(name: str, spec: dict, data: dict, train: dict, seeds: list[int], 
         "summary": summary,
         "runs": runs,
         "seconds": float(np.mean([r["seconds"] for r in runs])),
+        "seconds_per_epoch": float(np.mean([r.get("seconds_per_epoch", 0.0) for r in runs])),
         "best_epoch": float(np.mean([r["best_epoch"] for r in runs])),
+        "features": names,
     }
+
+
+def summary_json(rows: list[dict]) -> dict:
+    """The per-dataset summary: {model: {metric: {"mean", "std", "n"}, "features": ...}}."""
+    out = {}
+    for row in rows:
+        entry = {m: {"mean": row["summary"][m][0], "std": row["summary"][m][1], "n": len(row["runs"])} for m in METRICS}
+        out[row["model"]] = {**entry, "features": row["features"], "selected": row["selected"]}
+    return out
 
 
 def table(dataset: str, rows: list[dict]) -> str:
     lines = [
         f"\n**{dataset}** (test, mean ± std over seeds; hyper-parameters selected on validation)\n",
-        "| model | R@10 | R@20 | N@10 | N@20 | best epoch | s/run | selected |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | R@10 | R@20 | N@10 | N@20 | best epoch | s/epoch | s/run | selected |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         cells = " | ".join(f"{mu:.4f} ± {sd:.4f}" for mu, sd in (row["summary"][m] for m in METRICS))
         lines.append(
-            f"| {row['model']} | {cells} | {row['best_epoch']:.0f} | {row['seconds']:.0f} | "
+            f"| {row['model']} | {cells} | {row['best_epoch']:.0f} | {row['seconds_per_epoch']:.1f} | "
+            f"{row['seconds']:.0f} | "
             f"{json.dumps(row['selected']) if row['selected'] else ''} |"
         )
     return "\n".join(lines)
@@ -114,8 +177,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/experiments"))
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--no-mlflow", action="store_true", help="do not log the grid to MLflow")
+    parser.add_argument(
+        "--results", type=Path, help="folder of the per-run result files (default benchmarks/results/<grid name>)"
+    )
     args = parser.parse_args(argv)
     grid = load_yaml(args.grid)
+    folder = args.results or Path(__file__).resolve().parent / "results" / args.grid.stem
     train = {**grid.get("train", {}), **({"threads": args.threads} if args.threads else {})}
     results: dict[str, list[dict]] = {}
     for dname, data in grid["datasets"].items():
@@ -138,9 +205,17 @@ def main(argv: list[str] | None = None) -> int:
                     args.seeds,
                     ds,
                     features,
+                    folder / dname,
                 )
             )
         results[dname] = rows
+        from dprec.io import atomic_write_text
+
+        summary_path = folder / f"{dname}.summary.json"
+        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+        summary.update(summary_json(rows))  # a run of some models (--only) keeps the others' entries
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(summary_path, json.dumps(summary, indent=1, sort_keys=True) + "\n")
     text = "".join(table(d, rows) for d, rows in results.items())
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -28,9 +28,15 @@ SHAPES = {"mmrec-baby": {"image": 4096, "text": 384}}
 
 
 def run_one(
-    dataset: str, model: str, features: dict[str, str], dims: dict[str, int], epochs: int, threads: int
+    dataset: str,
+    model: str,
+    features: dict[str, str],
+    dims: dict[str, int],
+    epochs: int,
+    threads: int,
+    overrides: list[str] = (),
 ) -> dict:
-    from dprec.config import from_dict
+    from dprec.config import from_dict, merge, parse_overrides
     from dprec.data.dataset import load_dataset
     from dprec.features.modalities import load_features
     from dprec.training.config import RunConfig
@@ -42,11 +48,8 @@ def run_one(
     else:
         rng = np.random.default_rng(0)
         feats = {name: rng.standard_normal((ds.n_items, dim), dtype=np.float32) for name, dim in dims.items()}
-    cfg = from_dict(
-        RunConfig,
-        {"dataset": dataset, "model": {"name": model}, "train": {"epochs": epochs, "threads": threads, "seed": 1}},
-        "speed",
-    )
+    base = {"dataset": dataset, "model": {"name": model}, "train": {"epochs": epochs, "threads": threads, "seed": 1}}
+    cfg = from_dict(RunConfig, merge(base, parse_overrides(list(overrides))), "speed")
     t0 = time.perf_counter()
     trainer = Trainer(cfg, ds, features=feats)
     build = time.perf_counter() - t0
@@ -80,17 +83,25 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="run-config overrides for every model, e.g. train.batch_size=4096",
+    )
     a = p.parse_args(argv)
     features = dict(f.split("=", 1) for f in a.features)
     dims = SHAPES[a.shape] if a.shape else {f"v{i}": a.dim for i in range(a.modalities)}
     rows = []
     for model in a.models:  # one fresh process per model: its own peak memory
         with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
-            rows.append(pool.submit(run_one, a.dataset, model, features, dims, a.epochs, a.threads).result())
+            rows.append(pool.submit(run_one, a.dataset, model, features, dims, a.epochs, a.threads, a.set).result())
         print(rows[-1], flush=True)
     generated = " + ".join(f"{name} {dim}-d" for name, dim in dims.items())
     what = ", ".join(features) if features else f"generated {generated}"
-    print(f"\n{a.dataset}, features: {what}, {a.threads} threads, {a.epochs} epochs\n")
+    settings = f", {' '.join(a.set)}" if a.set else ""
+    print(f"\n{a.dataset}, features: {what}, {a.threads} threads, {a.epochs} epochs{settings}\n")
     print("| model | parameters | build s | train s/epoch | eval s | peak MiB | epoch time / LightGCN |")
     print("|---|---|---|---|---|---|---|")
     base = next((r["epoch_s"] for r in rows if r["model"] == "lightgcn"), None)

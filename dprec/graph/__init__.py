@@ -12,6 +12,7 @@ from dprec.graph.api import (
     build_weighted_graph,
     hypergraph_conv,
     lightgcn_propagate,
+    resolve_backend,
 )
 from dprec.graph.base import PropagationGraph, SparseIncidence
 from dprec.graph.dgl_shim import DGLUnavailableError
@@ -27,4 +28,5 @@ __all__ = [
     "build_weighted_graph",
     "hypergraph_conv",
     "lightgcn_propagate",
+    "resolve_backend",
 ]

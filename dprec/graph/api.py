@@ -11,17 +11,21 @@
 
 Backends "dgl" (default) and "torch" (torch.sparse, only torch needed) give the same numbers (tested to 1e-5).
 Graphs are built once, weights precomputed, and moved with ``graph.to(device)``; weights are float32, and so must
-the features be. Why two backends, and why node scales: docs/design-notes.md#graphapi.
+the features be. ``resolve_backend(backend, device)`` is the backend to build with for a device: "dgl" on a GPU
+where the installed DGL is a CPU build (PyPI's wheel) falls back to "torch", with one warning per process.
+Why two backends, and why node scales: docs/design-notes.md#graphapi.
 """
 
 from __future__ import annotations
 
+import logging
 from types import ModuleType
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from dprec.graph import dgl_shim
 from dprec.graph.base import DTYPE, EdgeList, PropagationGraph, SparseIncidence, check_index_range
 from dprec.graph.dgl_shim import DGLUnavailableError
 
@@ -29,6 +33,10 @@ BACKENDS = ("dgl", "torch")
 DEFAULT_BACKEND = "dgl"
 
 IndexArray = np.ndarray | Tensor
+
+logger = logging.getLogger(__name__)
+_fallback_warned = False
+"""Whether ``resolve_backend`` has logged its fallback warning in this process (it does so once)."""
 
 
 def _backend_module(backend: str) -> ModuleType:
@@ -54,6 +62,37 @@ def available_backends() -> tuple[str, ...]:
             continue
         usable.append(name)
     return tuple(usable)
+
+
+def resolve_backend(backend: str, device: torch.device | str | None = None) -> str:
+    """The graph backend to build with for graphs that will live on ``device`` (None: the CPU).
+
+    "torch" is returned as it is. "dgl" stays "dgl" on the CPU, and on another device where the installed
+    DGL can hold graphs there (``dgl_shim.dgl_device_problem``); elsewhere (PyPI's dgl==2.1.0 is a CPU
+    build, DGL has no backend for the device, or DGL does not import) it falls back to "torch", which gives
+    the same numbers, and logs one warning line per process that says why and what fixes it.
+    An unknown backend raises ValueError.
+    """
+    global _fallback_warned
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown graph backend {backend!r}; choose one of {BACKENDS}")
+    dev = torch.device("cpu" if device is None else device)
+    if backend == "torch" or dev.type == "cpu":
+        return backend
+    problem = dgl_shim.dgl_device_problem(str(dev))
+    if problem is None:
+        return backend
+    if not _fallback_warned:
+        _fallback_warned = True
+        logger.warning(
+            "graph backend 'dgl' cannot run on %s: %s; using the torch.sparse backend instead (same results). "
+            "Fix: install a CUDA build of DGL that matches this torch and CUDA (DGL's own wheel index, "
+            "https://www.dgl.ai/pages/start.html; PyPI has CPU builds only), or set train.graph_backend=torch "
+            "to choose torch.sparse and silence this",
+            dev,
+            problem,
+        )
+    return "torch"
 
 
 def _tensor(values: np.ndarray | Tensor, dtype: torch.dtype | None = None) -> Tensor:

@@ -47,6 +47,10 @@ class Recommender(nn.Module, ABC):
     ) -> tuple[torch.Tensor, dict[str, float]]:
         raise TypeError(f"{type(self).__name__} has no training loss (trainable = False)")
 
+    def start_epoch(self, epoch: int, seed: int) -> None:
+        """Called by the trainer before each training epoch; a model that resamples a structure per epoch
+        (FREEDOM's pruned graph) does it here, from (seed, epoch) alone."""
+
     def to_device(self, device: torch.device) -> Recommender:
         """Move parameters, buffers and the graphs the model holds (which are not modules)."""
         from dprec.graph import PropagationGraph

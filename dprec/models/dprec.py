@@ -158,6 +158,18 @@ class DPRecEmbeddings:
     """Part 5: per modality, the K x d hyperedge embeddings of the last hypergraph convolution."""
     e: Tensor | None = None
     """Part 6: the final embeddings, score(u, i) = <e_u, e_i>."""
+    rows: Tensor | None = None
+    """The nodes (sorted, distinct) that the per-node fields h_modality, h_mm, g_modality and e hold, in this
+    order; None = all N nodes. h_id and hyperedges always cover everything."""
+
+    def position(self, nodes: Tensor) -> Tensor:
+        """Where ``nodes`` are in the per-node fields."""
+        return nodes if self.rows is None else torch.searchsorted(self.rows, nodes)
+
+
+def _take(x: Tensor, rows: Tensor | None) -> Tensor:
+    """The ``rows`` of x (all of x for None)."""
+    return x if rows is None else x[rows]
 
 
 def missing_for_alignment(level: str, n_modalities: int, has_content: bool, has_hypergraph: bool) -> str | None:
@@ -245,19 +257,24 @@ class DPRec(Recommender):
         )
         self.incidence_dropout = nn.Dropout(1.0 - cfg.keep_rate)
 
-    def forward(self) -> DPRecEmbeddings:
-        """One full-graph pass through DESIGN.md §3, parts 1-6 in order, for all N nodes (users first)."""
-        out = DPRecEmbeddings(h_id=self._id_memory())  # 2 (and 3 for the item IDs, with expand_ids)
+    def forward(self, rows: Tensor | None = None) -> DPRecEmbeddings:
+        """One full-graph pass through DESIGN.md §3, parts 1-6 in order (users first).
+
+        The graph parts propagate over all nodes; the per-node parts (normalisation, fusion, the last hypergraph
+        read-out, the prediction) run only for ``rows`` (sorted distinct node indices; None = all N nodes), the
+        nodes a training batch touches: the same numbers for those rows, a fraction of the work.
+        """
+        out = DPRecEmbeddings(h_id=self._id_memory(), rows=rows)  # 2 (and 3 for the item IDs, with expand_ids)
         if self.has_content:
             for name in self.modality_names:
                 x = self._projection(name)  # 1
-                memory = self._memory(x) if self.use_memory else None  # 2
-                expansion = self._expansion(name, x) if self.use_expansion else None  # 3
+                memory = self._memory(x, rows) if self.use_memory else None  # 2
+                expansion = self._expansion(name, x, rows) if self.use_expansion else None  # 3
                 out.h_modality[name] = self._fuse_perspectives(name, memory, expansion)  # 4, per modality
             out.h_mm = self._fuse(list(out.h_modality.values()), self.modality_gate)  # 4, over modalities
         if self.has_hypergraph:
             for name in self.modality_names:
-                out.g_modality[name], out.hyperedges[name] = self._hypergraph(name, out.h_id)  # 5
+                out.g_modality[name], out.hyperedges[name] = self._hypergraph(name, out.h_id, rows)  # 5
         out.e = self.predict_embeddings(out)  # 6
         return out
 
@@ -275,14 +292,16 @@ class DPRec(Recommender):
         x = self.projection[name](feature_buffer(self, name))
         return x - x.mean(0, keepdim=True)
 
-    def _memory(self, items: Tensor) -> Tensor:
+    def _memory(self, items: Tensor, rows: Tensor | None) -> Tensor:
         """H_m^mem: users start as the mean of their items' projections, then n_mm_layers rounds over Â (last kept)."""
-        return F.normalize(memory_rounds(self.ui_graph, self.user_mean, items, self.cfg.n_mm_layers), dim=1)
+        return F.normalize(
+            _take(memory_rounds(self.ui_graph, self.user_mean, items, self.cfg.n_mm_layers), rows), dim=1
+        )
 
-    def _expansion(self, name: str, items: Tensor) -> Tensor:
+    def _expansion(self, name: str, items: Tensor, rows: Tensor | None) -> Tensor:
         """H_m^exp: n_ii_layers rounds over the kNN graph of F_m; users aggregate through the block of Â."""
         items = propagate_rounds(self.knn[name], items, self.cfg.n_ii_layers)
-        return F.normalize(torch.cat([self.user_block.propagate(items), items]), dim=1)
+        return F.normalize(_take(torch.cat([self.user_block.propagate(items), items]), rows), dim=1)
 
     def _fuse_perspectives(self, name: str, memory: Tensor | None, expansion: Tensor | None) -> Tensor:
         """H_m: the perspectives of modality ``name`` that are switched on, fused by its gate (or summed)."""
@@ -303,13 +322,13 @@ class DPRec(Recommender):
         items = gumbel_or_soft(logits, self.cfg.hyperedge_tau, gumbel)
         return self.incidence_dropout(torch.cat([self.user_mean.propagate(items), items]))
 
-    def _hypergraph(self, name: str, h_id: Tensor) -> tuple[Tensor, Tensor]:
-        """(G_m, hyperedge embeddings) of modality ``name``: n_hyper_layers convolutions from H_id."""
-        return hypergraph_rounds(self._incidence(name), h_id, self.cfg.n_hyper_layers, self.backend)
+    def _hypergraph(self, name: str, h_id: Tensor, rows: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(G_m of ``rows``, hyperedge embeddings) of modality ``name``: n_hyper_layers convolutions from H_id."""
+        return hypergraph_rounds(self._incidence(name), h_id, self.cfg.n_hyper_layers, self.backend, rows)
 
     def predict_embeddings(self, emb: DPRecEmbeddings) -> Tensor:
-        """Part 6: e = H_id + beta * H_mm + alpha * normalise(sum_m G_m), for all N nodes."""
-        e = emb.h_id
+        """Part 6: e = H_id + beta * H_mm + alpha * normalise(sum_m G_m), for the nodes ``emb.rows``."""
+        e = _take(emb.h_id, emb.rows)
         if emb.h_mm is not None:
             e = e + self.cfg.beta * emb.h_mm
         if emb.g_modality:
@@ -330,20 +349,27 @@ class DPRec(Recommender):
 
     def alignment_losses(self, emb: DPRecEmbeddings, users: Tensor, pos: Tensor) -> dict[str, Tensor]:
         """Each active alignment level (part 5), in-batch over the batch's distinct users and positive items."""
-        rows = [torch.unique(users), self.n_users + torch.unique(pos)]
+        nodes = [torch.unique(users), self.n_users + torch.unique(pos)]
+        rows = [emb.position(r) for r in nodes]
         losses = {}
         if self.align["node"]:
             losses["node"] = self._cross_modal(emb.g_modality if self.has_hypergraph else emb.h_modality, rows)
         if self.align["hyperedge"]:
             losses["hyperedge"] = self._cross_modal(emb.hyperedges, [slice(None)])
         if self.align["behaviour"]:
-            losses["behaviour"] = sum(info_nce(emb.h_mm[r], emb.h_id[r], self.cfg.align_tau) for r in rows)
+            losses["behaviour"] = sum(
+                info_nce(emb.h_mm[r], emb.h_id[node], self.cfg.align_tau) for r, node in zip(rows, nodes, strict=True)
+            )
         return losses
 
     def calculate_loss(self, users: Tensor, pos: Tensor, neg: Tensor) -> tuple[Tensor, dict[str, float]]:
-        """Part 7: BPR + lambda_align * (sum of the active alignment levels) + lambda_reg * L2."""
-        emb = self()
-        u, p, n = emb.e[users], emb.e[self.n_users + pos], emb.e[self.n_users + neg]
+        """Part 7: BPR + lambda_align * (sum of the active alignment levels) + lambda_reg * L2.
+
+        The per-node parts run for the batch's nodes only (``forward(rows)``).
+        """
+        users_at, pos_at, neg_at = users, self.n_users + pos, self.n_users + neg
+        emb = self(torch.unique(torch.cat([users_at, pos_at, neg_at])))
+        u, p, n = (emb.e[emb.position(nodes)] for nodes in (users_at, pos_at, neg_at))
         bpr = bpr_loss((u * p).sum(1), (u * n).sum(1))
         align = self.alignment_losses(emb, users, pos)
         reg = self.cfg.lambda_reg * l2_reg(self.user_emb[users], self.item_emb[pos], self.item_emb[neg])

@@ -8,7 +8,8 @@
   (users start as the mean of their items, then rounds over Â), ``hypergraph_rounds``;
 - layers: ``AttentionGate`` (per-node softmax of q^T tanh(W h + b) over candidates, MGCN), ``projection``
   (the per-modality MLP of DPRec), ``xavier`` (a Xavier-uniform parameter);
-- losses: ``info_nce`` (cosine InfoNCE), ``norm_penalty`` (LGMRec's reg_loss); ``gumbel_or_soft``.
+- losses: ``info_nce`` (cosine InfoNCE, through ``logsumexp_of_products``: blocks of a @ c.T that stay in
+  cache, recomputed in the backward), ``norm_penalty`` (LGMRec's reg_loss); ``gumbel_or_soft``.
 
 BPR and the squared L2 penalty are in ``dprec.models.base``.
 """
@@ -104,11 +105,14 @@ def memory_rounds(ui_graph: PropagationGraph, user_mean: PropagationGraph, items
     return propagate_rounds(ui_graph, torch.cat([user_mean.propagate(items), items]), n_rounds)
 
 
-def hypergraph_rounds(incidence: Tensor, x: Tensor, n_rounds: int, backend: str) -> tuple[Tensor, Tensor]:
-    """(nodes, hyperedges) after ``n_rounds`` hypergraph convolutions node -> hyperedge -> node from x (n_rounds >= 1)."""
+def hypergraph_rounds(
+    incidence: Tensor, x: Tensor, n_rounds: int, backend: str, rows: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """(nodes, hyperedges) after ``n_rounds`` hypergraph convolutions node -> hyperedge -> node from x (n_rounds >= 1);
+    with ``rows`` (node indices) only those nodes of the last round."""
     for _ in range(n_rounds):
         x, hyperedges = hypergraph_conv(incidence, x, backend)
-    return x, hyperedges
+    return (x if rows is None else x[rows]), hyperedges
 
 
 def info_nce(
@@ -121,8 +125,49 @@ def info_nce(
     """
     a, p = F.normalize(anchor, dim=1), F.normalize(positive, dim=1)
     c = p if candidates is None else F.normalize(candidates, dim=1)
-    loss = torch.logsumexp(a @ c.T / tau, dim=1) - (a * p).sum(1) / tau
+    loss = logsumexp_of_products(a / tau, c) - (a * p).sum(1) / tau
     return loss.mean() if reduction == "mean" else loss.sum()
+
+
+LSE_BLOCK_FLOATS = 1 << 18
+"""Entries of one block of ``a @ c.T`` in ``logsumexp_of_products`` (1 MiB: it stays in the CPU's cache)."""
+
+
+class _LogSumExpOfProducts(torch.autograd.Function):
+    """lse_i = log sum_j exp(<a_i, c_j>) by row blocks; the backward recomputes each block instead of keeping
+    the (rows x candidates) matrix, so no full similarity matrix is ever held."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, c: Tensor) -> Tensor:
+        rows = max(1, LSE_BLOCK_FLOATS // max(len(c), 1))
+        lse = torch.empty(len(a), dtype=a.dtype, device=a.device)
+        for start in range(0, len(a), rows):
+            block = a[start : start + rows] @ c.T
+            top = block.amax(1, keepdim=True)
+            lse[start : start + rows] = block.sub_(top).exp_().sum(1).log_().add_(top.squeeze(1))
+        ctx.save_for_backward(a, c, lse)
+        ctx.rows = rows
+        return lse
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:
+        a, c, lse = ctx.saved_tensors
+        grad_a, grad_c = torch.empty_like(a), torch.zeros_like(c)
+        for start in range(0, len(a), ctx.rows):
+            sl = slice(start, start + ctx.rows)
+            weights = (a[sl] @ c.T).sub_(lse[sl, None]).exp_().mul_(grad[sl, None])  # softmax rows x upstream
+            grad_a[sl] = weights @ c
+            grad_c.addmm_(weights.T, a[sl])
+        return grad_a, grad_c
+
+
+def logsumexp_of_products(a: Tensor, c: Tensor) -> Tensor:
+    """``torch.logsumexp(a @ c.T, dim=1)`` with its gradients, in cache-sized row blocks (module docstring)."""
+    if a.dim() != 2 or c.dim() != 2 or a.shape[1] != c.shape[1]:
+        raise ValueError(f"expected (n, d) and (m, d) matrices, got {tuple(a.shape)} and {tuple(c.shape)}")
+    if len(c) == 0:
+        raise ValueError("logsumexp over zero candidates")
+    return _LogSumExpOfProducts.apply(a, c)
 
 
 def norm_penalty(*tensors: Tensor) -> Tensor:

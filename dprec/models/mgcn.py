@@ -115,10 +115,14 @@ class MGCN(Recommender):
         items = propagate_rounds(self.knn[name], items, self.cfg.n_ii_layers)
         return torch.cat([self.user_block.propagate(items), items])
 
-    def forward(self) -> tuple[Tensor, Tensor, Tensor]:
-        """(final embeddings e, side embeddings, ID embeddings H_id) of all nodes, users first."""
+    def forward(self, rows: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """(final embeddings e, side embeddings, ID embeddings H_id) of the nodes ``rows`` (sorted distinct node
+        indices, users first; None = all nodes). The graphs propagate over all nodes; the fuser, a per-node
+        computation, runs for ``rows`` only (the same numbers for those rows)."""
         h_id = lightgcn_propagate(self.ui_graph, torch.cat([self.user_emb, self.item_emb]), self.cfg.n_ui_layers)
         modal = {m: self._item_item_view(m) for m in self.features}
+        if rows is not None:
+            h_id, modal = h_id[rows], {m: h[rows] for m, h in modal.items()}
         if self.common_query is None:
             side = next(iter(modal.values())) / 2  # the fuser's formula with a zero specific part
         else:
@@ -132,11 +136,14 @@ class MGCN(Recommender):
         return e[: self.n_users], e[self.n_users :]
 
     def calculate_loss(self, users: Tensor, pos: Tensor, neg: Tensor) -> tuple[Tensor, dict[str, float]]:
-        e, side, h_id = self()
-        u, p, n = e[users], e[self.n_users + pos], e[self.n_users + neg]
+        """BPR + reg + cl_weight * InfoNCE, from the batch's nodes only (``forward(rows)``)."""
+        nodes = users, self.n_users + pos, self.n_users + neg
+        rows = torch.unique(torch.cat(nodes))
+        e, side, h_id = self(rows)
+        users, items, negs = (torch.searchsorted(rows, n) for n in nodes)  # positions in rows
+        u, p, n = e[users], e[items], e[negs]
         bpr = bpr_loss((u * p).sum(1), (u * n).sum(1))
         reg = self.cfg.reg_weight * l2_reg(u, p, n)
-        items = self.n_users + pos
         cl = info_nce(side[items], h_id[items], self.cfg.cl_tau) + info_nce(side[users], h_id[users], self.cfg.cl_tau)
         loss = bpr + reg + self.cfg.cl_weight * cl
         return loss, {"bpr": float(bpr.detach()), "reg": float(reg.detach()), "cl": float(cl.detach())}

@@ -52,6 +52,9 @@ class TrainConfig:
     """Graph implementation: "dgl" or "torch" (torch.sparse)."""
     threads: int = 0
     """torch intra-op threads (at most 1024); 0 keeps torch's default."""
+    feature_rank: int = 0
+    """Feature views wider than this are reduced at load to their top ``feature_rank`` right-singular directions
+    (uncentred truncated SVD, dprec.features.reduction; exact when it is >= the view's rank); 0 keeps raw widths."""
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -64,6 +67,8 @@ class TrainConfig:
             raise ValueError(f"train.lr must be positive, got {self.lr}")
         if not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"train.seed must be an integer in [0, {MAX_SEED}], got {self.seed}")
+        if self.feature_rank < 0:
+            raise ValueError(f"train.feature_rank must be >= 0 (0 keeps raw widths), got {self.feature_rank}")
         if not 0 <= self.threads <= MAX_THREADS:
             raise ValueError(
                 f"train.threads must be an integer in [0, {MAX_THREADS}] (0 keeps torch's default), got {self.threads}"

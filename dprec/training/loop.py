@@ -28,6 +28,8 @@ from dprec.config import ConfigError, DPRecError
 from dprec.data.dataset import SPLIT_TEST, SPLIT_TRAIN, SPLIT_VALID, Dataset, check_trainable, load_dataset
 from dprec.data.interactions import UserItemSets
 from dprec.features.modalities import load_features
+from dprec.features.reduction import reduce_width
+from dprec.graph import resolve_backend
 from dprec.models import MODELS, ModelContext, Recommender
 from dprec.training.config import RunConfig
 from dprec.training.metrics import evaluate_ranking, finalize, format_metrics
@@ -48,14 +50,18 @@ def set_seed(seed: int) -> None:
     np.random.seed(seed % 2**32)
 
 
-def build_model(cfg: RunConfig, ds: Dataset, features: dict[str, np.ndarray] | None = None) -> Recommender:
+def build_model(
+    cfg: RunConfig, ds: Dataset, features: dict[str, np.ndarray] | None = None, device: torch.device | None = None
+) -> Recommender:
+    """The model of ``cfg`` for ``ds``, its graphs built with the backend that works on ``device``
+    (``dprec.graph.resolve_backend``: DGL's CPU wheel on a GPU falls back to torch.sparse, logged once)."""
     users, items = ds.pairs(SPLIT_TRAIN)
     ctx = ModelContext(
         n_users=ds.n_users,
         n_items=ds.n_items,
         train_users=users,
         train_items=items,
-        graph_backend=cfg.train.graph_backend,
+        graph_backend=resolve_backend(cfg.train.graph_backend, device),
         features=features or {},
     )
     model_cls, _ = MODELS[cfg.model["name"]]
@@ -147,6 +153,8 @@ class Trainer:
         self.feature_manifests: dict[str, Any] = {}
         if features is None and cfg.features:
             features, self.feature_manifests = load_features(cfg.features, self.ds)
+        if features and cfg.train.feature_rank and MODELS[cfg.model["name"]][0].uses_features:
+            features = self.reduce_features(features, cfg.train.feature_rank)
         set_seed(cfg.train.seed)
         self.train_users, self.train_items = self.ds.pairs(SPLIT_TRAIN)
         n_u, n_i = self.ds.n_users, self.ds.n_items
@@ -156,10 +164,27 @@ class Trainer:
             for name, label in SPLITS.items()
             if name != "train"
         }
-        self.model = build_model(cfg, self.ds, features)
+        self.model = build_model(cfg, self.ds, features, self.device)
+        if self.device.type != "cpu":
+            self.model.to_device(self.device)
         self.sampler = NegativeSampler(self.train_sets)
         self.best_state: dict[str, torch.Tensor] | None = None
         self.optimizer: torch.optim.Optimizer | None = None
+
+    def reduce_features(self, features: dict[str, np.ndarray], rank: int) -> dict[str, np.ndarray]:
+        """Each view wider than ``rank`` reduced to ``rank`` dims (``train.feature_rank``), one log line per view."""
+        out = {}
+        for name, matrix in features.items():
+            out[name], done = reduce_width(matrix, rank)
+            if done.dim_out < done.dim_in:
+                self.logger.info(
+                    "feature view %s: %d -> %d dims (truncated SVD, %.1f %% of the energy kept)",
+                    name,
+                    done.dim_in,
+                    done.dim_out,
+                    100 * done.energy,
+                )
+        return out
 
     @property
     def trainable(self) -> bool:
@@ -228,6 +253,7 @@ class Trainer:
         # Model-side randomness (dropout, Gumbel noise) is reseeded per epoch, so a resumed run
         # draws exactly what an uninterrupted one draws.
         torch.manual_seed(self.cfg.train.seed * 100_003 + epoch)
+        self.model.start_epoch(epoch, self.cfg.train.seed)
         totals: dict[str, float] = {}
         steps = 0
         for users, pos, neg, share in self.epoch_batches(epoch, self.rank, self.world):

@@ -1,0 +1,177 @@
+"""The faster paths keep the arithmetic: each is compared with the path it replaced (written out here), loss and
+every gradient within 1e-5.
+
+- ``logsumexp_of_products`` (row blocks, recomputed in the backward) against ``torch.logsumexp(a @ c.T)``;
+- ``info_nce`` through it against the plain formula;
+- DPRec's batch-rows forward (per-node parts for the batch's nodes only) against the full pass indexed after.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dprec.models.layers as layers
+from dprec.graph import available_backends
+from dprec.models.base import bpr_loss, l2_reg
+from dprec.models.dprec import DPRec
+from dprec.models.layers import info_nce, logsumexp_of_products
+from tests.models.test_dprec import batch, make_model
+
+TOL = {"rtol": 1e-5, "atol": 1e-6}
+
+
+def old_info_nce(anchor, positive, tau, candidates=None, reduction="mean"):
+    a, p = F.normalize(anchor, dim=1), F.normalize(positive, dim=1)
+    c = p if candidates is None else F.normalize(candidates, dim=1)
+    loss = torch.logsumexp(a @ c.T / tau, dim=1) - (a * p).sum(1) / tau
+    return loss.mean() if reduction == "mean" else loss.sum()
+
+
+@pytest.mark.parametrize("block", [7, 64, layers.LSE_BLOCK_FLOATS])
+def test_logsumexp_of_products_equals_torch(monkeypatch, block):
+    monkeypatch.setattr(layers, "LSE_BLOCK_FLOATS", block)
+    gen = torch.Generator().manual_seed(0)
+    a = (3 * torch.randn(37, 8, generator=gen)).requires_grad_()
+    c = (3 * torch.randn(23, 8, generator=gen)).requires_grad_()
+    upstream = torch.randn(37, generator=gen)
+    got = logsumexp_of_products(a, c)
+    (got * upstream).sum().backward()
+    grads = a.grad.clone(), c.grad.clone()
+    a.grad = c.grad = None
+    want = torch.logsumexp(a @ c.T, dim=1)
+    (want * upstream).sum().backward()
+    torch.testing.assert_close(got, want, **TOL)
+    torch.testing.assert_close(grads[0], a.grad, **TOL)
+    torch.testing.assert_close(grads[1], c.grad, **TOL)
+
+
+def test_logsumexp_of_products_is_stable_for_large_products():
+    a, c = torch.full((2, 1), 100.0), torch.tensor([[1.0], [2.0]])  # products 100 and 200: exp overflows float32
+    assert torch.isfinite(logsumexp_of_products(a, c)).all()
+    torch.testing.assert_close(logsumexp_of_products(a, c), torch.logsumexp(a @ c.T, 1))
+    with pytest.raises(ValueError, match="matrices"):
+        logsumexp_of_products(torch.ones(3), c)
+
+
+@pytest.mark.parametrize(("candidates", "reduction"), [(False, "mean"), (True, "sum")])
+def test_info_nce_equals_the_plain_formula(monkeypatch, candidates, reduction):
+    monkeypatch.setattr(layers, "LSE_BLOCK_FLOATS", 50)  # several blocks
+    gen = torch.Generator().manual_seed(1)
+    leaves = [torch.randn(n, 6, generator=gen).requires_grad_() for n in (20, 20, 45)]
+    results = []
+    for f in (info_nce, old_info_nce):
+        for t in leaves:
+            t.grad = None
+        loss = f(leaves[0], leaves[1], 0.2, leaves[2] if candidates else None, reduction)
+        loss.backward()
+        results.append((loss.detach(), *(t.grad.clone() for t in leaves[: 3 if candidates else 2])))
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, **TOL)
+
+
+def full_pass_loss(model: DPRec, users, pos, neg):
+    """DPRec's loss before batch rows: the full pass over all N nodes, indexed afterwards."""
+    emb = model()
+    n_users = model.n_users
+    u, p, n = emb.e[users], emb.e[n_users + pos], emb.e[n_users + neg]
+    bpr = bpr_loss((u * p).sum(1), (u * n).sum(1))
+    rows = [torch.unique(users), n_users + torch.unique(pos)]
+    align = {}
+    tau = model.cfg.align_tau
+
+    def cross(per_modality, row_sets):
+        pairs = list(itertools.combinations(per_modality, 2))
+        return sum(old_info_nce(per_modality[a][r], per_modality[b][r], tau) for a, b in pairs for r in row_sets) / len(
+            pairs
+        )
+
+    if model.align["node"]:
+        align["node"] = cross(emb.g_modality if model.has_hypergraph else emb.h_modality, rows)
+    if model.align["hyperedge"]:
+        align["hyperedge"] = cross(emb.hyperedges, [slice(None)])
+    if model.align["behaviour"]:
+        align["behaviour"] = sum(old_info_nce(emb.h_mm[r], emb.h_id[r], tau) for r in rows)
+    reg = model.cfg.lambda_reg * l2_reg(model.user_emb[users], model.item_emb[pos], model.item_emb[neg])
+    return bpr + reg + model.cfg.lambda_align * sum(align.values())
+
+
+def loss_and_grads(model, loss_fn, users, pos, neg):
+    model.train()
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(5)  # the same Gumbel noise and dropout
+    loss = loss_fn(users, pos, neg)
+    loss.backward()
+    return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+VARIANTS = [
+    {},
+    {"fusion": "sum"},
+    {"use_hypergraph": False},
+    {"use_memory": False},
+    {"use_expansion": False, "n_hyper_layers": 2},
+    {"expand_ids": True, "n_hyper_layers": 2},
+]
+
+
+@pytest.mark.parametrize("backend", available_backends())
+@pytest.mark.parametrize("overrides", VARIANTS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
+@pytest.mark.parametrize("views", [("text", "image"), ("text",)])
+def test_batch_rows_forward_equals_the_full_pass(backend, overrides, views):
+    model = make_model(backend, views=views, **overrides)
+    users, pos, neg = batch(size=24)
+    new_loss, new_grads = loss_and_grads(model, lambda u, p, n: model.calculate_loss(u, p, n)[0], users, pos, neg)
+    old_loss, old_grads = loss_and_grads(model, lambda u, p, n: full_pass_loss(model, u, p, n), users, pos, neg)
+    torch.testing.assert_close(new_loss, old_loss, **TOL)
+    assert new_grads.keys() == old_grads.keys() and len(new_grads) > 4
+    for name in old_grads:
+        torch.testing.assert_close(new_grads[name], old_grads[name], **TOL, msg=name)
+
+
+def test_batch_rows_cover_only_the_batch():
+    model = make_model()
+    users, pos, neg = batch(size=8)
+    rows = torch.unique(torch.cat([users, model.n_users + pos, model.n_users + neg]))
+    model.train()
+    emb = model(rows)
+    assert (
+        emb.e.shape == (len(rows), model.cfg.embedding_dim) < (model.n_users + model.n_items, model.cfg.embedding_dim)
+    )
+    assert emb.h_id.shape[0] == model.n_users + model.n_items  # the graph part covers every node
+    model.eval()
+    with torch.no_grad():
+        full = model()
+        torch.testing.assert_close(model(rows).e, full.e[rows], **TOL)
+
+
+def mgcn_full_pass_loss(model, users, pos, neg):
+    """MGCN's loss before batch rows: the full pass over all nodes, indexed afterwards."""
+    e, side, h_id = model()
+    u, p, n = e[users], e[model.n_users + pos], e[model.n_users + neg]
+    bpr = bpr_loss((u * p).sum(1), (u * n).sum(1))
+    reg = model.cfg.reg_weight * l2_reg(u, p, n)
+    items = model.n_users + pos
+    tau = model.cfg.cl_tau
+    cl = old_info_nce(side[items], h_id[items], tau) + old_info_nce(side[users], h_id[users], tau)
+    return bpr + reg + model.cfg.cl_weight * cl
+
+
+@pytest.mark.parametrize("backend", available_backends())
+@pytest.mark.parametrize("views", [("text", "image"), ("text",)])
+def test_mgcn_batch_rows_equal_the_full_pass(backend, views):
+    from dprec.models.mgcn import MGCN, MGCNConfig
+    from tests.models.test_dprec import random_context
+
+    torch.manual_seed(0)
+    model = MGCN(MGCNConfig(embedding_dim=8, knn_k=4), random_context(backend, views))
+    users, pos, neg = batch(size=24)
+    new_loss, new_grads = loss_and_grads(model, lambda u, p, n: model.calculate_loss(u, p, n)[0], users, pos, neg)
+    old_loss, old_grads = loss_and_grads(model, lambda u, p, n: mgcn_full_pass_loss(model, u, p, n), users, pos, neg)
+    torch.testing.assert_close(new_loss, old_loss, **TOL)
+    assert new_grads.keys() == old_grads.keys() and len(new_grads) > 4
+    for name in old_grads:
+        torch.testing.assert_close(new_grads[name], old_grads[name], **TOL, msg=name)
