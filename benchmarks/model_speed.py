@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", required=True)
     p.add_argument("--features", nargs="*", default=[], metavar="NAME=FOLDER#MODALITY")
-    p.add_argument("--models", nargs="+", default=["lightgcn", "mgcn", "lgmrec", "dprec"])
+    p.add_argument("--models", nargs="+", default=["lightgcn", "freedom", "mgcn", "lgmrec", "dprec"])
     p.add_argument("--modalities", type=int, default=1, help="generated modalities (without --features)")
     p.add_argument("--dim", type=int, default=576, help="generated feature width (without --features)")
     p.add_argument(

@@ -16,7 +16,7 @@ def test_configs_exist_for_the_demo_and_every_model():
     names = {p.relative_to(ROOT).as_posix() for p in CONFIGS}
     assert "demo.yaml" in names
     for dataset in ("default", "ml-100k", "sports"):
-        for model in ("popularity", "lightgcn", "mgcn", "lgmrec", "dprec"):
+        for model in ("popularity", "lightgcn", "freedom", "mgcn", "lgmrec", "dprec"):
             assert f"{dataset}/{model}.yaml" in names
 
 

@@ -6,6 +6,7 @@ The contract every model follows is in ``dprec.models.base``; the building block
 
 from dprec.models.base import ModelContext, Recommender
 from dprec.models.dprec import DPRec, DPRecConfig
+from dprec.models.freedom import FREEDOM, FREEDOMConfig
 from dprec.models.lgmrec import LGMRec, LGMRecConfig
 from dprec.models.lightgcn import LightGCN, LightGCNConfig
 from dprec.models.mgcn import MGCN, MGCNConfig
@@ -17,6 +18,7 @@ MODELS: dict[str, tuple[type[Recommender], type]] = {
     "dprec": (DPRec, DPRecConfig),
     "mgcn": (MGCN, MGCNConfig),
     "lgmrec": (LGMRec, LGMRecConfig),
+    "freedom": (FREEDOM, FREEDOMConfig),
 }
 
 __all__ = [
@@ -25,6 +27,8 @@ __all__ = [
     "Recommender",
     "DPRec",
     "DPRecConfig",
+    "FREEDOM",
+    "FREEDOMConfig",
     "LGMRec",
     "LGMRecConfig",
     "LightGCN",
