@@ -129,8 +129,9 @@ def info_nce(
     return loss.mean() if reduction == "mean" else loss.sum()
 
 
-LSE_BLOCK_FLOATS = 1 << 18
-"""Entries of one block of ``a @ c.T`` in ``logsumexp_of_products`` (1 MiB: it stays in the CPU's cache)."""
+LSE_BLOCK_FLOATS = 1 << 20
+"""Entries of one block of ``a @ c.T`` in ``logsumexp_of_products`` (4 MiB: big enough for an efficient matmul, small
+enough for the cache; 1 and 4 MiB were fastest of 1-64 MiB for 2,048 x 19,445 on this CPU)."""
 
 
 class _LogSumExpOfProducts(torch.autograd.Function):

@@ -9,15 +9,32 @@ split is ranked) and the top max(K) are compared with the split's items:
 - NDCG@K      = DCG@K / IDCG@K, binary gain, DCG@K = sum_{r<K, hit} 1 / log2(r + 2),
                 IDCG@K = sum_{r < min(|truth(u)|, K)} 1 / log2(r + 2)
 
-each averaged over the evaluated users. Users are scored in chunks (``chunk_size`` x n_items at
-most in memory). :func:`evaluate_ranking` returns per-metric *sums* and ``n_users``, so ranks of
-a distributed run can each evaluate a slice of the users and add their sums; :func:`finalize`
-turns sums into means. Reference: X. Zhou, "MMRec: Simplifying Multimodal Recommendation" (2023).
+each averaged over the evaluated users. :func:`evaluate_ranking` returns per-metric *sums* and
+``n_users``, so ranks of a distributed run can each evaluate a slice of the users and add their
+sums; :func:`finalize` turns sums into means. Reference: X. Zhou, "MMRec: Simplifying Multimodal
+Recommendation" (2023).
+
+Speed: users are scored in blocks of a few MiB of scores (cache-sized, never more than
+``chunk_size`` users) and the sums are added per ``chunk_size`` users exactly as before. The
+masked top-k of a block (:func:`masked_topk`) neither copies nor writes the scores: it finds a
+few candidates per row from column-group maxima and returns exactly what ``torch.topk`` of the
+masked scores returns. Hits are looked up in the truth pairs of the block's users (binary
+search), not in a dense truth matrix. With two or more intra-op threads, blocks are ranked in
+worker threads while the calling thread scores the next ones.
+
+Ties: ``torch.topk`` on CPU keeps (value, index) pairs and selects with ``std::partial_sort``
+(k * 64 <= n_items) or ``std::nth_element`` + ``std::sort`` with a comparator on the value alone,
+so which of several equal scores are kept, and their order, depends on the heap / partition
+order, not on the item index. :func:`masked_topk` only decides rows whose k+1 best scores are all
+different (then the result is unique); any row with a tie there is ranked by ``torch.topk`` itself,
+on the same masked row, so the results (and metric sums) are identical to the old code's.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -25,6 +42,15 @@ import torch
 from dprec.data.interactions import UserItemSets
 
 DEFAULT_KS = (10, 20, 50)
+SCORE_BLOCK_BYTES = 4 * 2**20
+"""Float32 scores per ``score_users`` call of :func:`evaluate_ranking` by default: a few times a
+core's L2 cache, so the matmul writes them into the cache and the top-k reads them from there."""
+GROUP_WIDTH = 8
+"""Columns per group in :func:`masked_topk`."""
+COARSE_GROUPS = 3
+"""Coarse groups (of group maxima) per ranked position in :func:`masked_topk`."""
+MAX_GROUPS = 4
+"""Groups per ranked position above which :func:`masked_topk` leaves a row (many ties) to ``torch.topk``."""
 
 
 def metric_names(ks: Sequence[int] = DEFAULT_KS) -> list[str]:
@@ -38,8 +64,13 @@ def rank_metrics_sums(
 
     ``topk`` (B x maxK) item indices in rank order, ``truth`` (B x n_items) bool, ``n_truth`` (B,).
     """
-    hits = torch.gather(truth, 1, topk).to(torch.float64)
-    max_k = topk.shape[1]
+    return hit_metrics_sums(torch.gather(truth, 1, topk).to(torch.float64), n_truth, ks)
+
+
+def hit_metrics_sums(hits: torch.Tensor, n_truth: torch.Tensor, ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
+    """Per-metric sums over the rows of one chunk from ``hits`` (B x maxK float64: 1 where the
+    item at that rank is a truth item) and ``n_truth`` (B,)."""
+    max_k = hits.shape[1]
     discounts = 1.0 / torch.log2(torch.arange(2, max_k + 2, dtype=torch.float64))
     ideal_cum = torch.cumsum(discounts, 0)
     n_truth = n_truth.to(torch.float64)
@@ -55,6 +86,121 @@ def rank_metrics_sums(
     return out
 
 
+def reference_masked_topk(scores: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, k: int) -> torch.Tensor:
+    """``torch.topk`` indices of ``scores`` with ``scores[rows, cols]`` set to -inf, on a copy."""
+    masked = scores.clone()
+    masked[rows, cols] = -torch.inf
+    return torch.topk(masked, k, dim=1).indices
+
+
+def _group_max(values: torch.Tensor, groups: int) -> torch.Tensor:
+    """(B x groups) maxima of the strided column groups j, j + groups, j + 2 groups, ... (NaN propagates)."""
+    n = values.shape[1]
+    width = n // groups
+    out = values[:, : width * groups].unflatten(1, (width, groups)).amax(1)
+    tail = n - width * groups
+    if tail:
+        out[:, :tail] = torch.maximum(out[:, :tail], values[:, width * groups :])
+    return out
+
+
+def masked_topk(
+    scores: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, k: int, width: int | None = None
+) -> torch.Tensor:
+    """Exactly :func:`reference_masked_topk` (same indices, same order), without copying or
+    writing into ``scores``.
+
+    Rows are cut into G strided column groups (group j: columns j, j + G, j + 2G, ...; ``width``
+    columns each, default :data:`GROUP_WIDTH`); their maxima, masked items left out, are grouped
+    again into a few times k+1 coarse maxima, whose (k+1)-th largest is ``t``: at least k+1
+    unmasked scores are >= ``t``, and every one of them lies in a group whose maximum is >= ``t``.
+    The unmasked scores >= ``t`` of those groups (k+1 and a few more per row) are the candidates,
+    sorted by row and score. Where a row's k+1 best are strictly decreasing its top k is unique,
+    and so what any exact method returns; rows with a tie there, a NaN, fewer than k+1 finite
+    unmasked scores or many candidates are ranked by :func:`reference_masked_topk` itself, so
+    ties are resolved exactly as ``torch.topk`` resolves them.
+    """
+    b, n = scores.shape
+    kk = k + 1
+    g = n // (width or GROUP_WIDTH)
+    if scores.dtype != torch.float32 or b == 0 or g < 2 * kk:
+        return reference_masked_topk(scores, rows, cols, k)
+    s = scores.contiguous().view(-1)
+    m = -(-n // g)  # columns per group: groups j < n - (m - 1) g have m, the others m - 1
+    steps = torch.arange(m) * g
+    group_max = _group_max(s.view(b, n), g).view(-1)
+    masked_group = rows * g + cols % g
+    masked_values = s.index_select(0, rows * n + cols)
+    # groups whose maximum is a masked score get their maximum without the masked ones
+    fix = torch.unique(masked_group[masked_values == group_max.index_select(0, masked_group)])
+    if len(fix):
+        values = s.index_select(0, ((fix // g * n + fix % g)[:, None] + steps).view(-1).clamp_(max=b * n - 1))
+        values = values.view(len(fix), m)
+        values[:, -1].masked_fill_(fix % g + steps[-1] >= n, -torch.inf)
+        pos = torch.searchsorted(fix, masked_group).clamp_(max=len(fix) - 1)
+        hit = fix.index_select(0, pos) == masked_group
+        values[pos[hit], (cols // g)[hit]] = -torch.inf
+        group_max[fix] = values.amax(1)
+    group_max = group_max.view(b, g)
+    coarse = _group_max(group_max, COARSE_GROUPS * kk) if g > 2 * COARSE_GROUPS * kk else group_max
+    threshold = torch.topk(coarse, kk, dim=1, sorted=False).values.amin(1)  # NaN ranks first and propagates
+    ok = torch.isfinite(threshold)
+    threshold = torch.where(ok, threshold, torch.nan)[:, None]  # nothing passes in the rows left to the reference
+    passing = group_max >= threshold
+    crowded = passing.sum(1) > MAX_GROUPS * kk  # many ties at t (constant scores, say): cheaper by the reference
+    if crowded.any():
+        ok &= ~crowded
+        passing &= ok[:, None]
+    selected = passing.view(-1).nonzero().squeeze(1)  # row * g + group, sorted
+    r = selected // g
+    index = ((r * n + selected - r * g)[:, None] + steps).view(-1).clamp_(max=b * n - 1)
+    values = s.index_select(0, index).view(len(selected), m)
+    values[:, -1].masked_fill_(selected - r * g + steps[-1] >= n, -torch.inf)
+    high = (masked_values >= threshold.view(-1).index_select(0, rows)).nonzero().squeeze(1)
+    if len(high) and len(selected):  # masked scores >= t in the selected groups are no candidates
+        pos = torch.searchsorted(selected, masked_group[high]).clamp_(max=len(selected) - 1)
+        hit = selected.index_select(0, pos) == masked_group[high]
+        values[pos[hit], (cols[high] // g)[hit]] = -torch.inf
+    flat = (values >= threshold.view(-1).index_select(0, r)[:, None]).view(-1).nonzero().squeeze(1)
+    top = torch.empty((b, k), dtype=torch.int64)
+    if len(flat):
+        r = r.index_select(0, flat // m)
+        v = values.view(-1).index_select(0, flat)
+        bits = v.view(torch.int32).to(torch.int64)
+        ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # as integers in the order of the floats
+        order = torch.sort((r << 32) | (0x7FFFFFFF - ordered)).indices  # by row, then score descending
+        counts = torch.bincount(r, minlength=b)
+        pos = ((torch.cumsum(counts, 0) - counts)[:, None] + torch.arange(kk)).view(-1).clamp_(max=len(flat) - 1)
+        pos = order.index_select(0, pos)
+        v = v.index_select(0, pos).view(b, kk)
+        ok &= (counts >= kk) & (v[:, :-1] > v[:, 1:]).all(1)
+        top = (index.index_select(0, flat.index_select(0, pos)) - r.index_select(0, pos) * n).view(b, kk)[:, :k]
+    else:
+        ok[:] = False
+    bad = (~ok).nonzero().squeeze(1)
+    if len(bad):
+        local = torch.full((b,), -1, dtype=torch.int64)
+        local[bad] = torch.arange(len(bad))
+        keep = local[rows] >= 0
+        top[bad] = reference_masked_topk(s.view(b, n)[bad], local[rows[keep]], cols[keep], k)
+    return top
+
+
+def ranked_hits(
+    scores: torch.Tensor, users: np.ndarray, truth: UserItemSets, train_mask: UserItemSets, k: int
+) -> np.ndarray:
+    """(len(users) x k) bool: is the item at each rank of each user's top k (``train_mask`` items
+    masked) one of the user's ``truth`` items. ``scores`` (len(users) x n_items) is only read."""
+    rows, cols = (torch.from_numpy(a) for a in train_mask.rows_cols(users))
+    top = masked_topk(scores, rows, cols, k).numpy()
+    rows, cols = truth.rows_cols(users)
+    keys = rows * truth.n_items + cols  # sorted: rows_cols lists the pairs row by row, items sorted
+    query = (np.arange(len(users))[:, None] * truth.n_items + top).ravel()
+    pos = np.minimum(np.searchsorted(keys, query), max(len(keys) - 1, 0))
+    hits = keys[pos] == query if len(keys) else np.zeros(len(query), bool)
+    return hits.reshape(top.shape)
+
+
 def evaluate_ranking(
     score_users: Callable[[torch.Tensor], torch.Tensor],
     truth: UserItemSets,
@@ -62,12 +208,24 @@ def evaluate_ranking(
     ks: Sequence[int] = DEFAULT_KS,
     chunk_size: int = 2048,
     users: np.ndarray | None = None,
+    block_bytes: int | None = None,
+    workers: int | None = None,
 ) -> dict[str, float]:
     """Rank all items for the users that have truth items; return metric sums and ``n_users``.
 
-    ``score_users(user_idx)`` returns a (len(user_idx) x n_items) score tensor. ``users``
-    restricts evaluation to a subset (one rank's slice); default: every user with truth.
+    ``score_users(user_idx)`` returns a (len(user_idx) x n_items) score tensor, which is only read.
+    ``users`` restricts evaluation to a subset (one rank's slice); default: every user with truth.
     Use :func:`finalize` to turn the sums into means.
+
+    Users are scored in blocks of at most ``chunk_size`` users and ``block_bytes`` of float32
+    scores (default :data:`SCORE_BLOCK_BYTES`); the sums are added up per ``chunk_size`` users, in
+    order, so they do not depend on the blocks or the threads. With ``torch.get_num_threads()`` =
+    T > 1, ``workers`` threads (default T // 2) of one intra-op thread each rank blocks while the
+    calling thread, left T - ``workers`` intra-op threads until the end, scores the next ones (and
+    ranks a block itself when the workers have two each): no thread waits for another inside an
+    operation, which on a busy machine costs more than the work. Ranking a block while the next
+    is scored needs ``score_users`` to return new memory; the first two blocks are checked, and
+    where the second reuses the first's memory every block is ranked before the next call.
     """
     if users is None:
         users = truth.users_with_items()
@@ -77,24 +235,73 @@ def evaluate_ranking(
     max_k = max(ks)
     if max_k > n_items:
         raise ValueError(f"K={max_k} exceeds the number of items ({n_items})")
+    block = max(1, min(chunk_size, (block_bytes or SCORE_BLOCK_BYTES) // (4 * n_items)))
+    threads = torch.get_num_threads()
+    workers = threads // 2 if workers is None else workers
+    pool = None
+    if workers > 0 and threads > 1 and len(users) > block:
+        pool = ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,))
+        torch.set_num_threads(max(1, threads - workers))
+    restore_threads = pool is not None
     sums = {name: 0.0 for name in metric_names(ks)}
-    for start in range(0, len(users), chunk_size):
-        chunk = users[start : start + chunk_size]
-        with torch.no_grad():
-            scores = score_users(torch.from_numpy(chunk)).detach().to(torch.float32).cpu().clone()
-        if scores.shape != (len(chunk), n_items):
-            raise ValueError(f"score_users returned shape {tuple(scores.shape)}, expected {(len(chunk), n_items)}")
-        rows, cols = train_mask.rows_cols(chunk)
-        scores[torch.from_numpy(rows), torch.from_numpy(cols)] = -torch.inf
-        top = torch.topk(scores, max_k, dim=1).indices
-        truth_dense = torch.zeros((len(chunk), n_items), dtype=torch.bool)
-        rows, cols = truth.rows_cols(chunk)
-        truth_dense[torch.from_numpy(rows), torch.from_numpy(cols)] = True
+    chunks: deque[tuple[np.ndarray, list]] = deque()  # (users, per-block hits or futures), not yet summed
+
+    def add_oldest_chunk() -> None:
+        chunk, parts = chunks.popleft()
+        hits = np.concatenate([p if isinstance(p, np.ndarray) else p.result() for p in parts])
         n_truth = torch.from_numpy(truth.sizes()[chunk])
-        for name, value in rank_metrics_sums(top, truth_dense, n_truth, ks).items():
+        for name, value in hit_metrics_sums(torch.from_numpy(hits).to(torch.float64), n_truth, ks).items():
             sums[name] += value
+
+    pending: deque[tuple[torch.Tensor, Future]] = deque()  # blocks given to the workers, oldest first
+    overlap = None  # may a block be ranked while the next is scored? known at the second block
+    try:
+        for start in range(0, len(users), chunk_size):
+            chunk = users[start : start + chunk_size]
+            chunks.append((chunk, []))
+            for block_start in range(0, len(chunk), block):
+                part = chunk[block_start : block_start + block]
+                with torch.no_grad():
+                    scores = score_users(torch.from_numpy(part)).detach().to(torch.float32).cpu()
+                if scores.shape != (len(part), n_items):
+                    raise ValueError(
+                        f"score_users returned shape {tuple(scores.shape)}, expected {(len(part), n_items)}"
+                    )
+                if pool is not None and overlap is None and pending:  # the second block: new memory?
+                    overlap = not _shares_memory(scores, pending.popleft()[0])
+                    if not overlap:  # no: rank every block here, before the next call, with all threads
+                        pool.shutdown()
+                        pool = None
+                        torch.set_num_threads(threads)
+                elif overlap and any(_shares_memory(scores, held) for held, f in pending if not f.done()):
+                    raise RuntimeError("score_users returned memory of a block that is still being ranked")
+                while pending and pending[0][1].done():
+                    pending.popleft()
+                if pool is None or len(pending) >= 2 * workers:  # the workers have enough to do: rank it here
+                    chunks[-1][1].append(ranked_hits(scores, part, truth, train_mask, max_k))
+                else:
+                    future = pool.submit(ranked_hits, scores, part, truth, train_mask, max_k)
+                    chunks[-1][1].append(future)
+                    pending.append((scores, future))
+                    if overlap is None:  # the first block: ranked now, kept to compare with the second
+                        future.result()
+                while len(chunks) > 1 and all(isinstance(p, np.ndarray) or p.done() for p in chunks[0][1]):
+                    add_oldest_chunk()
+        while chunks:
+            add_oldest_chunk()
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+        if restore_threads:  # also the default of threads started later, which the workers changed
+            torch.set_num_threads(threads)
     sums["n_users"] = float(len(users))
     return sums
+
+
+def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Do the storages of ``a`` and ``b`` overlap?"""
+    sa, sb = a.untyped_storage(), b.untyped_storage()
+    return sa.data_ptr() < sb.data_ptr() + sb.nbytes() and sb.data_ptr() < sa.data_ptr() + sa.nbytes()
 
 
 def finalize(sums: dict[str, float]) -> dict[str, float]:

@@ -1,0 +1,275 @@
+"""The fast full-ranking path (dprec.training.metrics) against the algorithm it replaced.
+
+``old_evaluate_ranking`` below is the previous implementation, verbatim in what it computes: per
+chunk of users the scores are cloned, the training items set to -inf, ``torch.topk`` taken and the
+hits gathered from a dense truth matrix. The new path must give *exactly* the same sums (``==``,
+not approx), ties included, and must never write into the tensors ``score_users`` returns.
+"""
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from dprec.data.interactions import UserItemSets
+from dprec.training import metrics
+from dprec.training.metrics import evaluate_ranking, masked_topk, metric_names, reference_masked_topk
+
+
+def old_evaluate_ranking(score_users, truth, train_mask, ks, chunk_size=2048):
+    users = truth.users_with_items()
+    n_items, max_k = truth.n_items, max(ks)
+    sums = {name: 0.0 for name in metric_names(ks)}
+    discounts = 1.0 / torch.log2(torch.arange(2, max_k + 2, dtype=torch.float64))
+    ideal_cum = torch.cumsum(discounts, 0)
+    for start in range(0, len(users), chunk_size):
+        chunk = users[start : start + chunk_size]
+        scores = score_users(torch.from_numpy(chunk)).detach().to(torch.float32).cpu().clone()
+        rows, cols = train_mask.rows_cols(chunk)
+        scores[torch.from_numpy(rows), torch.from_numpy(cols)] = -torch.inf
+        top = torch.topk(scores, max_k, dim=1).indices
+        truth_dense = torch.zeros((len(chunk), n_items), dtype=torch.bool)
+        rows, cols = truth.rows_cols(chunk)
+        truth_dense[torch.from_numpy(rows), torch.from_numpy(cols)] = True
+        hits = torch.gather(truth_dense, 1, top).to(torch.float64)
+        n_truth = torch.from_numpy(truth.sizes()[chunk]).to(torch.float64)
+        for k in ks:
+            hit_k = hits[:, :k].sum(1)
+            dcg = (hits[:, :k] * discounts[:k]).sum(1)
+            idcg = ideal_cum[torch.clamp(n_truth, max=k).long() - 1]
+            sums[f"recall@{k}"] += float((hit_k / n_truth).sum())
+            sums[f"ndcg@{k}"] += float((dcg / idcg).sum())
+            sums[f"precision@{k}"] += float((hit_k / k).sum())
+    sums["n_users"] = float(len(users))
+    return sums
+
+
+@pytest.fixture
+def two_threads():
+    """The worker threads only run with more than one intra-op thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_case(seed: int, n_users: int = 240, n_items: int = 1500, ties: str = "none"):
+    """Random train / truth sets with every awkward kind of user, and a (users x items) score matrix."""
+    rng = np.random.default_rng(seed)
+    train_u, train_i, truth_u, truth_i = [], [], [], []
+    for u in range(n_users):
+        kind = u % 6
+        n_train = int(rng.integers(0, 40)) if kind != 5 else int(rng.integers(300, 900))  # 5: heavy users
+        items = rng.choice(n_items, size=n_train + 60, replace=False)
+        train = items[:n_train]
+        if kind == 0:  # no truth: not evaluated
+            truth = items[:0]
+        elif kind == 1 and n_train:  # every truth item is also a training item (masked)
+            truth = train[: max(1, n_train // 3)]
+        elif kind == 2:  # a single truth item (K > |truth|)
+            truth = items[n_train : n_train + 1]
+        else:
+            truth = items[n_train : n_train + int(rng.integers(1, 60))]
+        train_u += [u] * len(train)
+        train_i += list(train)
+        truth_u += [u] * len(truth)
+        truth_i += list(truth)
+    train = UserItemSets.from_pairs(np.array(train_u), np.array(train_i), n_users, n_items)
+    truth = UserItemSets.from_pairs(np.array(truth_u), np.array(truth_i), n_users, n_items)
+    scores = torch.from_numpy(rng.standard_normal((n_users, n_items)).astype(np.float32))
+    if ties == "rounded":  # many equal scores, also at the top-k boundary
+        scores = (scores * 4).round() / 4
+    elif ties == "integers":  # popularity-like: a few distinct values only
+        scores = torch.from_numpy(rng.integers(0, 12, (n_users, n_items)).astype(np.float32))
+    elif ties == "some":  # a few rows with ties, NaN, infinities and constant scores
+        scores[3, :] = 1.0
+        scores[7, ::2] = scores[7, 1::2]
+        scores[9, 5] = float("nan")
+        scores[11, :40] = float("inf")
+        scores[13, 100:] = -float("inf")
+        scores[15, ::3] = -0.0
+        scores[15, 1::3] = 0.0
+    return train, truth, scores
+
+
+@pytest.mark.parametrize(("seed", "ties"), [(0, "none"), (1, "rounded"), (2, "integers"), (3, "some"), (4, "none")])
+def test_sums_identical_to_the_old_algorithm(seed, ties, two_threads):
+    train, truth, scores = make_case(seed, ties=ties)
+    score_fn = lambda u: scores[u]  # noqa: E731
+    ks = (1, 5, 10, 20, 50)
+    five = 4 * 1500 * 5  # block_bytes of 5 users; 1: one user per block
+    for chunk_size, block_bytes, workers in [
+        (1000, None, None),
+        (1000, five, 1),
+        (1000, five, 2),
+        (37, None, 0),
+        (37, 1, 1),
+        (37, five, None),
+    ]:
+        old = old_evaluate_ranking(score_fn, truth, train, ks, chunk_size=chunk_size)
+        new = evaluate_ranking(
+            score_fn, truth, train, ks, chunk_size=chunk_size, block_bytes=block_bytes, workers=workers
+        )
+        assert new == old, (chunk_size, block_bytes, workers)
+
+
+def test_sums_identical_with_one_thread():
+    train, truth, scores = make_case(5, ties="some")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ks = (10, 20, 50)
+        old = old_evaluate_ranking(lambda u: scores[u], truth, train, ks)
+        assert evaluate_ranking(lambda u: scores[u], truth, train, ks, block_bytes=4 * 1500 * 16) == old
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_sums_identical_for_float64_and_strided_scores(two_threads):
+    train, truth, scores = make_case(6)
+    ks = (10, 20)
+    old = old_evaluate_ranking(lambda u: scores[u], truth, train, ks)
+    wide = scores.double()
+    assert evaluate_ranking(lambda u: wide[u], truth, train, ks) == old
+    transposed = scores.T.contiguous()  # columns are users: a non-contiguous (transposed) view per call
+    assert evaluate_ranking(lambda u: transposed[:, u].T, truth, train, ks, block_bytes=4 * 1500 * 8) == old
+
+
+def random_mask(rng, b, n, density):
+    mask = torch.from_numpy(rng.random((b, n)) < density)
+    return mask.nonzero(as_tuple=True)
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_masked_topk_equals_topk_of_the_masked_copy(seed):
+    rng = np.random.default_rng(seed)
+    for trial in range(30):
+        b, n = int(rng.integers(1, 16)), int(rng.integers(1, 3000))
+        k = int(rng.integers(1, min(n, 60) + 1))
+        kind = trial % 6
+        scores = torch.randn(b, n)
+        if kind == 1:
+            scores = torch.from_numpy(rng.integers(0, 20, (b, n)).astype(np.float32))
+        elif kind == 2:
+            scores = scores.round(decimals=1)
+        elif kind == 3:
+            scores[torch.rand(b, n) < 0.01] = float("nan")
+            scores[torch.rand(b, n) < 0.002] = float("inf")
+            scores[torch.rand(b, n) < 0.01] = -float("inf")
+        elif kind == 4:
+            scores[:, ::2] = 0.0
+        rows, cols = random_mask(rng, b, n, float(rng.choice([0.0, 0.01, 0.3, 0.95])))
+        if trial % 5 == 0:  # mask each row's best items: the group maxima must be recomputed
+            best = torch.topk(scores.nan_to_num(0), min(n, 6), 1).indices
+            rows = torch.cat([rows, torch.arange(b).repeat_interleave(best.shape[1])])
+            cols = torch.cat([cols, best.reshape(-1)])
+        before = scores.clone()
+        expected = reference_masked_topk(scores, rows, cols, k)
+        for width in (None, 3, 16):
+            assert torch.equal(masked_topk(scores, rows, cols, k, width=width), expected), (trial, width)
+        assert torch.equal(scores.isnan(), before.isnan())
+        assert torch.equal(scores.nan_to_num(), before.nan_to_num())  # never written
+
+
+def test_fast_path_decides_rows_without_ties(monkeypatch):
+    """Distinct scores: no row may fall back to torch.topk (else the speed-up is gone)."""
+    rng = np.random.default_rng(7)
+    scores = torch.randn(64, 7000)
+    rows, cols = random_mask(rng, 64, 7000, 0.003)
+    handed_over = []
+    original = metrics.reference_masked_topk
+    monkeypatch.setattr(
+        metrics, "reference_masked_topk", lambda s, r, c, k: (handed_over.append(len(s)), original(s, r, c, k))[1]
+    )
+    top = masked_topk(scores, rows, cols, 50)
+    assert sum(handed_over) == 0
+    assert torch.equal(top, original(scores, rows, cols, 50))
+    scores[5, :] = 2.0  # a constant row: ranked by torch.topk, the others still by the fast path
+    top = masked_topk(scores, rows, cols, 50)
+    assert handed_over == [1]
+    assert torch.equal(top, original(scores, rows, cols, 50))
+
+
+def test_caller_tensors_are_never_written(two_threads):
+    """score_users returns views of a tensor the caller keeps, or new tensors it keeps: all come back untouched."""
+    n_users, n_items = 200, 1500
+    rng = np.random.default_rng(8)
+    train = UserItemSets.from_pairs(rng.integers(0, n_users, 3000), rng.integers(0, n_items, 3000), n_users, n_items)
+    truth = UserItemSets.from_pairs(np.arange(n_users), rng.integers(0, n_items, n_users), n_users, n_items)
+    scores = torch.randn(n_users, n_items)
+    kept = scores.clone()
+    views, fresh = [], []
+
+    def view_of_scores(u):  # every user has truth, so each block is a run of consecutive users: a view
+        out = scores[int(u[0]) : int(u[-1]) + 1]
+        assert out._base is scores
+        views.append(out)
+        return out
+
+    def new_tensor(u):  # ranked by a worker while the next block is scored
+        out = scores[u]
+        fresh.append((out, out.clone()))
+        return out
+
+    ks = (10, 50)
+    old = old_evaluate_ranking(lambda u: scores[u], truth, train, ks)
+    for workers in (0, 1):
+        for score_fn in (view_of_scores, new_tensor):
+            assert evaluate_ranking(score_fn, truth, train, ks, block_bytes=4 * n_items * 16, workers=workers) == old
+    assert len(views) > 2 and len(fresh) > 2
+    assert torch.equal(scores, kept)
+    assert all(torch.equal(out, copy) for out, copy in fresh)
+    rows, cols = (torch.from_numpy(a) for a in train.rows_cols(np.arange(n_users)))
+    assert torch.equal(masked_topk(scores, rows, cols, 50), reference_masked_topk(kept, rows, cols, 50))
+    assert torch.equal(scores, kept)
+
+
+def test_score_function_reusing_its_output_buffer(two_threads):
+    """A score function that overwrites one buffer on every call: each block is ranked before the next call."""
+    train, truth, scores = make_case(9)
+    buffer = torch.empty_like(scores)
+
+    def reusing(u):
+        out = buffer[: len(u)]
+        torch.index_select(scores, 0, u, out=out)
+        return out
+
+    ks = (10, 20, 50)
+    old = old_evaluate_ranking(lambda u: scores[u], truth, train, ks)
+    assert evaluate_ranking(reusing, truth, train, ks, block_bytes=4 * 1500 * 8, workers=1) == old
+
+
+def test_threads_are_restored(two_threads):
+    train, truth, scores = make_case(10, n_users=60)
+    evaluate_ranking(lambda u: scores[u], truth, train, (10,), block_bytes=4 * 1500 * 4, workers=1)
+    assert torch.get_num_threads() == 2
+
+    def failing(u):
+        if int(u[0]) > 20:
+            raise RuntimeError("model broke")
+        return scores[u]
+
+    with pytest.raises(RuntimeError, match="model broke"):
+        evaluate_ranking(failing, truth, train, (10,), block_bytes=4 * 1500 * 4, workers=1)
+    assert torch.get_num_threads() == 2
+
+
+def test_blocks_are_ranked_beside_the_scoring(monkeypatch, two_threads):
+    """New tensors per call: workers rank blocks while the caller scores; a reused buffer: the caller ranks."""
+    train, truth, scores = make_case(11)
+    where = []
+    original = metrics.ranked_hits
+    monkeypatch.setattr(
+        metrics, "ranked_hits", lambda *a: (where.append(threading.current_thread().name), original(*a))[1]
+    )
+    ks = (10, 50)
+    old = old_evaluate_ranking(lambda u: scores[u], truth, train, ks)
+    assert evaluate_ranking(lambda u: scores[u], truth, train, ks, block_bytes=4 * 1500 * 8, workers=1) == old
+    main = threading.main_thread().name
+    assert len(where) > 10 and sum(name != main for name in where) > len(where) // 3
+    where.clear()
+    buffer = torch.empty_like(scores)
+    reusing = lambda u: torch.index_select(scores, 0, u, out=buffer[: len(u)])  # noqa: E731
+    assert evaluate_ranking(reusing, truth, train, ks, block_bytes=4 * 1500 * 8, workers=1) == old
+    assert where[0] != main and all(name == main for name in where[1:])  # only the first, checked, block
