@@ -82,7 +82,10 @@ def test_trainer_reduces_views_for_feature_models_only(tmp_path, caplog):
 
     ds_dir = save_dataset(generate(SyntheticSpec(n_users=60, n_items=40, image_size=16, seed=0)), tmp_path / "ds")
     rng = np.random.default_rng(0)
-    feats = {"a": rng.standard_normal((40, 30)).astype(np.float32), "b": rng.standard_normal((40, 6)).astype(np.float32)}
+    feats = {
+        "a": rng.standard_normal((40, 30)).astype(np.float32),
+        "b": rng.standard_normal((40, 6)).astype(np.float32),
+    }
 
     def trainer(model: str, rank: int) -> Trainer:
         cfg = from_dict(
