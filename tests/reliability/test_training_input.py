@@ -375,7 +375,8 @@ def test_an_exception_in_training_ends_the_run_failed(data_dir, store, tmp_path,
 def test_a_stopped_train_process_ends_its_mlflow_run_killed(data_dir, tmp_path, template, signum):
     shutil.copy(template, tmp_path / "mlflow.db")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    config = write_config(tmp_path / "run.yaml", data_dir, tmp_path / "run", {"epochs": 100_000})
+    train = {"epochs": 100_000, "patience": 100_000}  # the run never ends by itself: only the signal stops it
+    config = write_config(tmp_path / "run.yaml", data_dir, tmp_path / "run", train)
     proc = subprocess.Popen(
         [sys.executable, "-m", "dprec.train", "--config", str(config)],
         cwd=tmp_path,
