@@ -220,7 +220,8 @@ def evaluate_ranking(
     Users are scored in blocks of at most ``chunk_size`` users and ``block_bytes`` of float32
     scores (default :data:`SCORE_BLOCK_BYTES`); the sums are added up per ``chunk_size`` users, in
     order, so they do not depend on the blocks or the threads. With ``torch.get_num_threads()`` =
-    T > 1, ``workers`` threads (default T // 2) of one intra-op thread each rank blocks while the
+    T > 1, ``workers`` threads (default 0: off, until a SIGINT during a threaded evaluation is shown to
+    stop the process; T // 2 measured fastest) of one intra-op thread each rank blocks while the
     calling thread, left T - ``workers`` intra-op threads until the end, scores the next ones (and
     ranks a block itself when the workers have two each): no thread waits for another inside an
     operation, which on a busy machine costs more than the work. Ranking a block while the next
@@ -237,7 +238,7 @@ def evaluate_ranking(
         raise ValueError(f"K={max_k} exceeds the number of items ({n_items})")
     block = max(1, min(chunk_size, (block_bytes or SCORE_BLOCK_BYTES) // (4 * n_items)))
     threads = torch.get_num_threads()
-    workers = threads // 2 if workers is None else workers
+    workers = 0 if workers is None else workers
     pool = None
     if workers > 0 and threads > 1 and len(users) > block:
         pool = ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,))
