@@ -108,6 +108,17 @@ def loss_and_grads(model, loss_fn, users, pos, neg):
     return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
 
 
+def assert_equal_to_the_old_path(model, old_loss_fn):
+    """The model's calculate_loss and ``old_loss_fn`` give the same loss and gradients on one batch."""
+    users, pos, neg = batch(size=24)
+    new_loss, new_grads = loss_and_grads(model, lambda u, p, n: model.calculate_loss(u, p, n)[0], users, pos, neg)
+    old_loss, old_grads = loss_and_grads(model, lambda u, p, n: old_loss_fn(model, u, p, n), users, pos, neg)
+    torch.testing.assert_close(new_loss, old_loss, **TOL)
+    assert new_grads.keys() == old_grads.keys() and len(new_grads) > 4
+    for name in old_grads:
+        torch.testing.assert_close(new_grads[name], old_grads[name], **TOL, msg=name)
+
+
 VARIANTS = [
     {},
     {"fusion": "sum"},
@@ -123,13 +134,7 @@ VARIANTS = [
 @pytest.mark.parametrize("views", [("text", "image"), ("text",)])
 def test_batch_rows_forward_equals_the_full_pass(backend, overrides, views):
     model = make_model(backend, views=views, **overrides)
-    users, pos, neg = batch(size=24)
-    new_loss, new_grads = loss_and_grads(model, lambda u, p, n: model.calculate_loss(u, p, n)[0], users, pos, neg)
-    old_loss, old_grads = loss_and_grads(model, lambda u, p, n: full_pass_loss(model, u, p, n), users, pos, neg)
-    torch.testing.assert_close(new_loss, old_loss, **TOL)
-    assert new_grads.keys() == old_grads.keys() and len(new_grads) > 4
-    for name in old_grads:
-        torch.testing.assert_close(new_grads[name], old_grads[name], **TOL, msg=name)
+    assert_equal_to_the_old_path(model, full_pass_loss)
 
 
 def test_batch_rows_cover_only_the_batch():
@@ -168,10 +173,4 @@ def test_mgcn_batch_rows_equal_the_full_pass(backend, views):
 
     torch.manual_seed(0)
     model = MGCN(MGCNConfig(embedding_dim=8, knn_k=4), random_context(backend, views))
-    users, pos, neg = batch(size=24)
-    new_loss, new_grads = loss_and_grads(model, lambda u, p, n: model.calculate_loss(u, p, n)[0], users, pos, neg)
-    old_loss, old_grads = loss_and_grads(model, lambda u, p, n: mgcn_full_pass_loss(model, u, p, n), users, pos, neg)
-    torch.testing.assert_close(new_loss, old_loss, **TOL)
-    assert new_grads.keys() == old_grads.keys() and len(new_grads) > 4
-    for name in old_grads:
-        torch.testing.assert_close(new_grads[name], old_grads[name], **TOL, msg=name)
+    assert_equal_to_the_old_path(model, mgcn_full_pass_loss)
