@@ -39,8 +39,7 @@ from dprec.data.dataset import load_dataset
 from dprec.data.readers.common import SkipLog, read_json_object, require_file
 from dprec.data.readers.sequence import read_id_map
 from dprec.features.config import CodesImportConfig
-from dprec.features.pipeline import ExtractError, RunSummary, check_out_folder, dataset_spec
-from dprec.features.shards import FeatureSetWriter, folder_lock
+from dprec.features.pipeline import ExtractError, RunSummary, dataset_spec, write_precomputed
 from dprec.io import sha256_file
 
 CODE = re.compile(r"<([A-Za-z][A-Za-z0-9]*)_(\d{1,9})>")
@@ -289,33 +288,15 @@ def import_codes(cfg: CodesImportConfig) -> RunSummary:
         "store_dtype": cfg.store_dtype,
         "modalities": modalities,
     }
-    with folder_lock(check_out_folder(cfg.out, dataset.folder)):
-        writer = FeatureSetWriter(cfg.out, spec, provenance, overwrite=cfg.overwrite)
-        items = written = 0
-        for shard in writer.pending():
-            first, stop = writer.ranges[shard]
-            flags: list[list[str]] = [[] for _ in range(stop - first)]
-            vectors = {}
-            for m, codes in files.items():
-                vectors[m], kinds = joins[m].vectors(codes, first, stop)
-                for row, kind in enumerate(kinds):
-                    if kind is not None:
-                        flags[row].append(f"{m}_{kind}")
-            entry = writer.add(shard, item_ids.iloc[first:stop].tolist(), vectors, flags)
-            items += stop - first
-            written += 1
-            log.info("[extract] wrote %s (%d items)", entry["name"], stop - first)
-        manifest = writer.finish()
-    seconds = time.perf_counter() - t0
-    return RunSummary(
-        items=dataset.n_items,
-        shards_total=len(writer.ranges),
-        shards_written=written,
-        shards_skipped=len(writer.skipped),
-        items_computed=items,
-        failures={**manifest["counts"], **unmatched},
-        seconds=round(seconds, 3),
-        items_per_second=round(items / seconds, 3) if seconds else 0.0,
-        nodes=1,
-        out=str(cfg.out),
-    )
+
+    def shard_vectors(first: int, stop: int) -> tuple[dict[str, np.ndarray], list[list[str]]]:
+        flags: list[list[str]] = [[] for _ in range(stop - first)]
+        vectors = {}
+        for m, codes in files.items():
+            vectors[m], kinds = joins[m].vectors(codes, first, stop)
+            for row, kind in enumerate(kinds):
+                if kind is not None:
+                    flags[row].append(f"{m}_{kind}")
+        return vectors, flags
+
+    return write_precomputed(cfg.out, cfg.overwrite, dataset, spec, provenance, shard_vectors, t0, unmatched)

@@ -45,7 +45,7 @@ import numpy as np
 import pyarrow as pa
 
 from dprec.config import DPRecError
-from dprec.data.dataset import items_hash, load_dataset
+from dprec.data.dataset import Dataset, items_hash, load_dataset
 from dprec.data.schema import ITEM_IMAGE_COLUMNS, ITEM_TEXT_FIELDS
 from dprec.features.config import MAX_IMAGE_BYTES, ExtractConfig, MMRecImportConfig
 from dprec.features.image import ImageEncoder, ResolvedImageModel, load_image, resolve_image_model
@@ -836,13 +836,32 @@ def import_mmrec(cfg: MMRecImportConfig) -> RunSummary:
         "dataset_content_hash": dataset.meta["content_hash"],
         **{m: {"load_path": str(Path(p).resolve())} for m, p in files.items()},
     }
-    with folder_lock(check_out_folder(cfg.out, dataset.folder)):
-        writer = FeatureSetWriter(cfg.out, spec, provenance, overwrite=cfg.overwrite)
+
+    def shard_vectors(first: int, stop: int) -> tuple[dict[str, np.ndarray], list[list[str]]]:
+        # NaN/inf rows: zeroed and flagged by the writer
+        return {m: arr[first:stop] for m, arr in arrays.items()}, [[] for _ in range(stop - first)]
+
+    return write_precomputed(cfg.out, cfg.overwrite, dataset, spec, provenance, shard_vectors, t0)
+
+
+def write_precomputed(
+    out: str | Path,
+    overwrite: bool,
+    dataset: Dataset,
+    spec: dict[str, Any],
+    provenance: dict[str, Any],
+    shard_vectors: Callable[[int, int], tuple[dict[str, np.ndarray], list[list[str]]]],
+    t0: float,
+    extra_failures: dict[str, int] | None = None,
+) -> RunSummary:
+    """Write the shards still missing of a feature set whose vectors are already known (``import-mmrec``,
+    ``import-codes``): ``shard_vectors(first, stop)`` gives the items' vectors per modality and their flags."""
+    with folder_lock(check_out_folder(out, dataset.folder)):
+        writer = FeatureSetWriter(out, spec, provenance, overwrite=overwrite)
         items = written = 0
         for shard in writer.pending():
             first, stop = writer.ranges[shard]
-            flags: list[list[str]] = [[] for _ in range(stop - first)]
-            vectors = {m: arr[first:stop] for m, arr in arrays.items()}  # NaN/inf rows: zeroed and flagged by add
+            vectors, flags = shard_vectors(first, stop)
             ids = dataset.items["item_id"].iloc[first:stop].astype(str).tolist()
             entry = writer.add(shard, ids, vectors, flags)
             items += stop - first
@@ -856,9 +875,9 @@ def import_mmrec(cfg: MMRecImportConfig) -> RunSummary:
         shards_written=written,
         shards_skipped=len(writer.skipped),
         items_computed=items,
-        failures=manifest["counts"],
+        failures={**manifest["counts"], **(extra_failures or {})},
         seconds=round(seconds, 3),
         items_per_second=round(items / seconds, 3) if seconds else 0.0,
         nodes=1,
-        out=str(cfg.out),
+        out=str(out),
     )
