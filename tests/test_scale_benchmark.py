@@ -77,7 +77,7 @@ def test_features_have_the_mmrec_shapes(scale):
 
 
 def test_main_prints_one_row_per_phase(scale, capsys):
-    assert scale.main(["--scale", "0.005", "--steps", "2", "--threads", "1"]) == 0
+    assert scale.main(["--scale", "0.005", "--steps", "2", "--threads", "1", "--set", "train.batch_size=2048"]) == 0
     out = capsys.readouterr().out
     generated = re.search(r"generated: ([\d,]+) users, ([\d,]+) items, ([\d,]+) interactions", out)
     assert generated and [int(g.replace(",", "")) for g in generated.groups()] == [962, 315, 8446]

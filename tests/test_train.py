@@ -134,3 +134,19 @@ def test_lr_step_decay_is_a_function_of_the_epoch(dataset_dir, tmp_path):
         TrainConfig(lr_decay=1.5)
     plain = Trainer(run_cfg(dataset_dir, tmp_path, epochs=1))
     assert plain.epoch_lr(999) == pytest.approx(0.01)  # no decay by default
+
+
+@pytest.mark.parametrize(
+    ("model", "batch", "rank"),
+    [("dprec", 8192, 256), ("mgcn", 8192, 256), ("lgmrec", 8192, 256), ("lightgcn", 2048, 0), ("freedom", 2048, 0)],
+)
+def test_open_train_settings_take_the_models_defaults(model, batch, rank):
+    cfg = RunConfig(dataset="x", model={"name": model})
+    assert (cfg.train.batch_size, cfg.train.feature_rank) == (batch, rank)
+    assert cfg.as_dict()["train"]["batch_size"] == batch  # the resolved value is what a run records
+    given = RunConfig(dataset="x", model={"name": model}, train=TrainConfig(batch_size=512, feature_rank=0))
+    assert (given.train.batch_size, given.train.feature_rank) == (512, 0)
+    with pytest.raises(ValueError, match="batch_size"):
+        TrainConfig(batch_size=0)
+    with pytest.raises(ValueError, match="feature_rank"):
+        TrainConfig(feature_rank=-1)

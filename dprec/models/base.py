@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -33,6 +34,8 @@ class ModelContext:
 
 
 class Recommender(nn.Module, ABC):
+    train_defaults: ClassVar[dict[str, int]] = {"batch_size": 2048, "feature_rank": 0}
+    """The model's values of the train settings a run config leaves open (None): MMRec's batch, raw widths."""
     trainable = True
     uses_features = True
     """False for models that never read item features (ID-only), so callers can skip loading them."""

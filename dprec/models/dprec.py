@@ -22,7 +22,7 @@ from __future__ import annotations
 import itertools
 import logging
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -96,6 +96,10 @@ class DPRecConfig:
     perspectives, so its scale is fixed; a smaller beta lets the ID embeddings lead where content is weak."""
     align_tau: float = 0.2
     """InfoNCE temperature of every alignment level."""
+    align_group: int = 2048
+    """Most rows one in-batch alignment InfoNCE compares: a batch touching more users (items) is split at random
+    into groups of at most this many, each row's negatives the other rows of its group (``layers.info_nce``), so a
+    large batch keeps the negatives of a batch of this size at a linear cost; 0 = the whole batch."""
     lambda_align: float = 0.01
     """Weight of the sum of the alignment levels in the loss (part 7)."""
     lambda_reg: float = 1e-4
@@ -131,7 +135,7 @@ class DPRecConfig:
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("n_ui_layers", "n_mm_layers", "alpha", "beta", "lambda_align", "lambda_reg"):
+        for name in ("n_ui_layers", "n_mm_layers", "alpha", "beta", "lambda_align", "lambda_reg", "align_group"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("hyperedge_tau", "align_tau"):
@@ -198,6 +202,10 @@ def active_alignment(cfg: DPRecConfig, n_modalities: int, has_content: bool, has
 
 
 class DPRec(Recommender):
+    train_defaults: ClassVar[dict[str, int]] = {"batch_size": 8192, "feature_rank": 256}
+    """Every step is a full-graph pass through the feature projections, so larger steps over reduced views (switches
+    chosen on validation: docs/benchmarks.md#speed-switches)."""
+
     def __init__(self, cfg: DPRecConfig, ctx: ModelContext) -> None:
         super().__init__(ctx)
         self.cfg = cfg
@@ -343,7 +351,9 @@ class DPRec(Recommender):
         """Mean over modality pairs (a, b) of the summed InfoNCE of a vs b on each set of ``rows``."""
         pairs = list(itertools.combinations(per_modality, 2))
         total = sum(
-            info_nce(per_modality[a][r], per_modality[b][r], self.cfg.align_tau) for a, b in pairs for r in rows
+            info_nce(per_modality[a][r], per_modality[b][r], self.cfg.align_tau, group_size=self.cfg.align_group)
+            for a, b in pairs
+            for r in rows
         )
         return total / len(pairs)
 
@@ -358,7 +368,8 @@ class DPRec(Recommender):
             losses["hyperedge"] = self._cross_modal(emb.hyperedges, [slice(None)])
         if self.align["behaviour"]:
             losses["behaviour"] = sum(
-                info_nce(emb.h_mm[r], emb.h_id[node], self.cfg.align_tau) for r, node in zip(rows, nodes, strict=True)
+                info_nce(emb.h_mm[r], emb.h_id[node], self.cfg.align_tau, group_size=self.cfg.align_group)
+                for r, node in zip(rows, nodes, strict=True)
             )
         return losses
 

@@ -16,6 +16,8 @@ BPR and the squared L2 penalty are in ``dprec.models.base``.
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -109,23 +111,49 @@ def hypergraph_rounds(
     incidence: Tensor, x: Tensor, n_rounds: int, backend: str, rows: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """(nodes, hyperedges) after ``n_rounds`` hypergraph convolutions node -> hyperedge -> node from x (n_rounds >= 1);
-    with ``rows`` (node indices) only those nodes of the last round."""
-    for _ in range(n_rounds):
+    with ``rows`` (node indices) only those nodes of the last round, read out of a dense incidence for those rows
+    alone (H[rows] (H^T x): the same sums, without the other nodes' products)."""
+    for round_ in range(n_rounds):
+        if round_ == n_rounds - 1 and rows is not None and isinstance(incidence, Tensor):
+            hyperedges = incidence.T @ x
+            return incidence[rows] @ hyperedges, hyperedges
         x, hyperedges = hypergraph_conv(incidence, x, backend)
     return (x if rows is None else x[rows]), hyperedges
 
 
 def info_nce(
-    anchor: Tensor, positive: Tensor, tau: float, candidates: Tensor | None = None, reduction: str = "mean"
+    anchor: Tensor,
+    positive: Tensor,
+    tau: float,
+    candidates: Tensor | None = None,
+    reduction: str = "mean",
+    group_size: int = 0,
 ) -> Tensor:
     """InfoNCE over cosine similarities: -log( exp(cos(a_i, p_i)/tau) / sum_j exp(cos(a_i, c_j)/tau) ).
 
     The candidates c are the positives (in-batch negatives, MGCN) unless given (LGMRec: all nodes).
-    ``reduction`` "mean" (MGCN) or "sum" (LGMRec) over the anchors.
+    ``reduction`` "mean" (MGCN) or "sum" (LGMRec) over the anchors, or "none" (one loss per anchor).
+
+    ``group_size`` > 0 (in-batch candidates only): with more anchors than that, the anchors are split at random
+    (torch's generator) into ``ceil(n / group_size)`` groups of near-equal size and each anchor's negatives are the
+    positives of its group: the loss of a batch of ``group_size`` rows, at a cost linear in n instead of quadratic.
+    n <= group_size (or 0) is the plain in-batch loss, and draws no random numbers.
     """
     a, p = F.normalize(anchor, dim=1), F.normalize(positive, dim=1)
-    c = p if candidates is None else F.normalize(candidates, dim=1)
-    loss = logsumexp_of_products(a / tau, c) - (a * p).sum(1) / tau
+    if candidates is None and 0 < group_size < len(a):
+        n_groups = -(-len(a) // group_size)
+        order = torch.randperm(len(a), device=a.device)
+        a, p = a[order], p[order]  # the groups are then contiguous slices (one gather, views after it)
+        bounds = [k * len(a) // n_groups for k in range(n_groups + 1)]
+        loss = (
+            torch.cat([logsumexp_of_products(a[i:j] / tau, p[i:j]) for i, j in itertools.pairwise(bounds)])
+            - (a * p).sum(1) / tau
+        )
+    else:
+        c = p if candidates is None else F.normalize(candidates, dim=1)
+        loss = logsumexp_of_products(a / tau, c) - (a * p).sum(1) / tau
+    if reduction == "none":
+        return loss
     return loss.mean() if reduction == "mean" else loss.sum()
 
 

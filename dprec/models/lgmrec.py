@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import logging
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -87,6 +88,10 @@ class LGMRecConfig:
 
 
 class LGMRec(Recommender):
+    train_defaults: ClassVar[dict[str, int]] = {"batch_size": 8192, "feature_rank": 256}
+    """Every step is a full-graph pass through the feature projections, so larger steps over reduced views (switches
+    chosen on validation: docs/benchmarks.md#speed-switches)."""
+
     def __init__(self, cfg: LGMRecConfig, ctx: ModelContext) -> None:
         super().__init__(ctx)
         self.cfg = cfg
@@ -139,11 +144,16 @@ class LGMRec(Recommender):
         return e[: self.n_users], e[self.n_users :]
 
     def _cross_modal(self, global_: dict[str, Tensor], users: Tensor, pos: Tensor) -> Tensor:
-        """Sum over modality pairs of InfoNCE(a vs b) on the batch's users (against all users) and items."""
+        """Sum over modality pairs of InfoNCE(a vs b) on the batch's users (against all users) and items.
+
+        A node drawn k times in the batch has k equal terms: each distinct node is computed once and counted k
+        times (the same sum; the InfoNCE against all nodes costs per distinct anchor)."""
         total = torch.zeros((), device=users.device)
         for a, b in itertools.combinations(global_, 2):
-            for rows, every in ((users, slice(None, self.n_users)), (self.n_users + pos, slice(self.n_users, None))):
-                total = total + info_nce(global_[a][rows], global_[b][rows], self.cfg.tau, global_[b][every], "sum")
+            for nodes, every in ((users, slice(None, self.n_users)), (self.n_users + pos, slice(self.n_users, None))):
+                rows, counts = torch.unique(nodes, return_counts=True)
+                terms = info_nce(global_[a][rows], global_[b][rows], self.cfg.tau, global_[b][every], "none")
+                total = total + (terms * counts).sum()
         return total
 
     def calculate_loss(self, users: Tensor, pos: Tensor, neg: Tensor) -> tuple[Tensor, dict[str, float]]:

@@ -16,6 +16,7 @@ docs/design-notes.md#modelsmgcn.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -53,6 +54,9 @@ class MGCNConfig:
     """Weight of the InfoNCE between the side (content) and ID embeddings (MGCN's cl_loss)."""
     cl_tau: float = 0.2
     """InfoNCE temperature."""
+    cl_group: int = 2048
+    """Most anchors one in-batch InfoNCE compares (``layers.info_nce``): a larger batch is split at random into
+    groups of at most this many, the in-batch negatives of MGCN's batch of 2,048 at a linear cost; 0 = whole batch."""
     reg_weight: float = 1e-4
     """Weight of the L2 penalty on the batch's final embeddings."""
     train_features: bool = True
@@ -65,7 +69,7 @@ class MGCNConfig:
         for name in ("embedding_dim", "n_ii_layers", "knn_k", "knn_block_size", "cl_tau"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("n_ui_layers", "cl_weight", "reg_weight"):
+        for name in ("n_ui_layers", "cl_weight", "reg_weight", "cl_group"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not isinstance(self.train_features, bool):
@@ -79,6 +83,10 @@ def sigmoid_gate(dim: int) -> nn.Sequential:
 
 
 class MGCN(Recommender):
+    train_defaults: ClassVar[dict[str, int]] = {"batch_size": 8192, "feature_rank": 256}
+    """Every step is a full-graph pass through the feature projections, so larger steps over reduced views (switches
+    chosen on validation: docs/benchmarks.md#speed-switches)."""
+
     def __init__(self, cfg: MGCNConfig, ctx: ModelContext) -> None:
         super().__init__(ctx)
         self.cfg = cfg
@@ -144,6 +152,7 @@ class MGCN(Recommender):
         u, p, n = e[users], e[items], e[negs]
         bpr = bpr_loss((u * p).sum(1), (u * n).sum(1))
         reg = self.cfg.reg_weight * l2_reg(u, p, n)
-        cl = info_nce(side[items], h_id[items], self.cfg.cl_tau) + info_nce(side[users], h_id[users], self.cfg.cl_tau)
+        tau, group = self.cfg.cl_tau, self.cfg.cl_group
+        cl = sum(info_nce(side[rows], h_id[rows], tau, group_size=group) for rows in (items, users))
         loss = bpr + reg + self.cfg.cl_weight * cl
         return loss, {"bpr": float(bpr.detach()), "reg": float(reg.detach()), "cl": float(cl.detach())}

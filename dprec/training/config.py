@@ -30,8 +30,9 @@ class TrainConfig:
 
     epochs: int = 1000
     """Upper bound on epochs; early stopping usually ends the run sooner."""
-    batch_size: int = 2048
-    """Positive pairs per step (each with one sampled negative)."""
+    batch_size: int | None = None
+    """Positive pairs per step (each with one sampled negative); None = the model's default (its class's
+    ``train_defaults``: 8,192 for DPRec, MGCN and LGMRec, whose epochs are full-graph passes, else MMRec's 2,048)."""
     lr: float = 1e-3
     """Adam learning rate."""
     lr_decay: float = 1.0
@@ -52,22 +53,23 @@ class TrainConfig:
     """Graph implementation: "dgl" or "torch" (torch.sparse)."""
     threads: int = 0
     """torch intra-op threads (at most 1024); 0 keeps torch's default."""
-    feature_rank: int = 0
+    feature_rank: int | None = None
     """Feature views wider than this are reduced at load to their top ``feature_rank`` right-singular directions
-    (uncentred truncated SVD, dprec.features.reduction; exact when it is >= the view's rank); 0 keeps raw widths."""
+    (uncentred truncated SVD, dprec.features.reduction; exact when it is >= the view's rank); 0 keeps raw widths;
+    None = the model's default (``train_defaults``: 256 for DPRec, MGCN and LGMRec, else 0)."""
 
     def __post_init__(self) -> None:
         check_types(self)
         if not 0 < self.lr_decay <= 1:
             raise ValueError(f"train.lr_decay must lie in (0, 1], got {self.lr_decay}")
         for name in ("epochs", "batch_size", "patience", "eval_every", "eval_chunk_size", "lr_decay_every"):
-            if getattr(self, name) <= 0:
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"train.{name} must be a positive integer, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"train.lr must be positive, got {self.lr}")
         if not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"train.seed must be an integer in [0, {MAX_SEED}], got {self.seed}")
-        if self.feature_rank < 0:
+        if self.feature_rank is not None and self.feature_rank < 0:
             raise ValueError(f"train.feature_rank must be >= 0 (0 keeps raw widths), got {self.feature_rank}")
         if not 0 <= self.threads <= MAX_THREADS:
             raise ValueError(
@@ -107,6 +109,9 @@ class RunConfig:
         name = self.model["name"]
         if name not in MODELS:
             raise ValueError(f"model.name must be one of {sorted(MODELS)}, got {name!r}")
+        for key, value in MODELS[name][0].train_defaults.items():  # train settings left open take the model's
+            if getattr(self.train, key) is None:
+                setattr(self.train, key, value)
 
     def model_config(self):
         _, cfg_cls = MODELS[self.model["name"]]

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from dprec.data.interactions import UserItemSets
+from dprec.training.signals import deferred_signals
 
 DEFAULT_KS = (10, 20, 50)
 SCORE_BLOCK_BYTES = 4 * 2**20
@@ -220,13 +221,16 @@ def evaluate_ranking(
     Users are scored in blocks of at most ``chunk_size`` users and ``block_bytes`` of float32
     scores (default :data:`SCORE_BLOCK_BYTES`); the sums are added up per ``chunk_size`` users, in
     order, so they do not depend on the blocks or the threads. With ``torch.get_num_threads()`` =
-    T > 1, ``workers`` threads (default 0: off, until a SIGINT during a threaded evaluation is shown to
-    stop the process; T // 2 measured fastest) of one intra-op thread each rank blocks while the
-    calling thread, left T - ``workers`` intra-op threads until the end, scores the next ones (and
-    ranks a block itself when the workers have two each): no thread waits for another inside an
-    operation, which on a busy machine costs more than the work. Ranking a block while the next
-    is scored needs ``score_users`` to return new memory; the first two blocks are checked, and
+    T > 1, ``workers`` threads (default T // 2, measured fastest) of one intra-op thread each rank
+    blocks while the calling thread, left T - ``workers`` intra-op threads until the end, scores the
+    next ones (and ranks a block itself when the workers have two each): no thread waits for another
+    inside an operation, which on a busy machine costs more than the work. Ranking a block while the
+    next is scored needs ``score_users`` to return new memory; the first two blocks are checked, and
     where the second reuses the first's memory every block is ranked before the next call.
+
+    A stop signal (``dprec.training.signals``) is held while a block is scored and handed to the
+    pool and raised between blocks: raised inside the executor's locks, it could leave one held and
+    the pool's shutdown would wait for it forever.
     """
     if users is None:
         users = truth.users_with_items()
@@ -238,10 +242,11 @@ def evaluate_ranking(
         raise ValueError(f"K={max_k} exceeds the number of items ({n_items})")
     block = max(1, min(chunk_size, (block_bytes or SCORE_BLOCK_BYTES) // (4 * n_items)))
     threads = torch.get_num_threads()
-    workers = 0 if workers is None else workers
+    workers = threads // 2 if workers is None else workers
     pool = None
     if workers > 0 and threads > 1 and len(users) > block:
-        pool = ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,))
+        with deferred_signals():
+            pool = ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,))
         torch.set_num_threads(max(1, threads - workers))
     restore_threads = pool is not None
     sums = {name: 0.0 for name in metric_names(ks)}
@@ -262,37 +267,40 @@ def evaluate_ranking(
             chunks.append((chunk, []))
             for block_start in range(0, len(chunk), block):
                 part = chunk[block_start : block_start + block]
-                with torch.no_grad():
-                    scores = score_users(torch.from_numpy(part)).detach().to(torch.float32).cpu()
-                if scores.shape != (len(part), n_items):
-                    raise ValueError(
-                        f"score_users returned shape {tuple(scores.shape)}, expected {(len(part), n_items)}"
-                    )
-                if pool is not None and overlap is None and pending:  # the second block: new memory?
-                    overlap = not _shares_memory(scores, pending.popleft()[0])
-                    if not overlap:  # no: rank every block here, before the next call, with all threads
-                        pool.shutdown()
-                        pool = None
-                        torch.set_num_threads(threads)
-                elif overlap and any(_shares_memory(scores, held) for held, f in pending if not f.done()):
-                    raise RuntimeError("score_users returned memory of a block that is still being ranked")
-                while pending and pending[0][1].done():
-                    pending.popleft()
-                if pool is None or len(pending) >= 2 * workers:  # the workers have enough to do: rank it here
-                    chunks[-1][1].append(ranked_hits(scores, part, truth, train_mask, max_k))
-                else:
-                    future = pool.submit(ranked_hits, scores, part, truth, train_mask, max_k)
-                    chunks[-1][1].append(future)
-                    pending.append((scores, future))
-                    if overlap is None:  # the first block: ranked now, kept to compare with the second
-                        future.result()
-                while len(chunks) > 1 and all(isinstance(p, np.ndarray) or p.done() for p in chunks[0][1]):
-                    add_oldest_chunk()
-        while chunks:
-            add_oldest_chunk()
+                with deferred_signals():  # a stop signal waits for this block: never inside the pool's locks
+                    with torch.no_grad():
+                        scores = score_users(torch.from_numpy(part)).detach().to(torch.float32).cpu()
+                    if scores.shape != (len(part), n_items):
+                        raise ValueError(
+                            f"score_users returned shape {tuple(scores.shape)}, expected {(len(part), n_items)}"
+                        )
+                    if pool is not None and overlap is None and pending:  # the second block: new memory?
+                        overlap = not _shares_memory(scores, pending.popleft()[0])
+                        if not overlap:  # no: rank every block here, before the next call, with all threads
+                            pool.shutdown()
+                            pool = None
+                            torch.set_num_threads(threads)
+                    elif overlap and any(_shares_memory(scores, held) for held, f in pending if not f.done()):
+                        raise RuntimeError("score_users returned memory of a block that is still being ranked")
+                    while pending and pending[0][1].done():
+                        pending.popleft()
+                    if pool is None or len(pending) >= 2 * workers:  # the workers have enough to do: rank it here
+                        chunks[-1][1].append(ranked_hits(scores, part, truth, train_mask, max_k))
+                    else:
+                        future = pool.submit(ranked_hits, scores, part, truth, train_mask, max_k)
+                        chunks[-1][1].append(future)
+                        pending.append((scores, future))
+                        if overlap is None:  # the first block: ranked now, kept to compare with the second
+                            future.result()
+                    while len(chunks) > 1 and all(isinstance(p, np.ndarray) or p.done() for p in chunks[0][1]):
+                        add_oldest_chunk()
+        with deferred_signals():
+            while chunks:
+                add_oldest_chunk()
     finally:
         if pool is not None:
-            pool.shutdown(cancel_futures=True)
+            with deferred_signals():
+                pool.shutdown(cancel_futures=True)
         if restore_threads:  # also the default of threads started later, which the workers changed
             torch.set_num_threads(threads)
     sums["n_users"] = float(len(users))

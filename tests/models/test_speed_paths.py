@@ -3,7 +3,8 @@ every gradient within 1e-5.
 
 - ``logsumexp_of_products`` (row blocks, recomputed in the backward) against ``torch.logsumexp(a @ c.T)``;
 - ``info_nce`` through it against the plain formula;
-- DPRec's batch-rows forward (per-node parts for the batch's nodes only) against the full pass indexed after.
+- DPRec's and MGCN's batch-rows forward (per-node parts for the batch's nodes only) against the full pass indexed
+  after; LGMRec's InfoNCE over distinct anchors (weighted by their count) against one term per batch row.
 """
 
 from __future__ import annotations
@@ -174,3 +175,27 @@ def test_mgcn_batch_rows_equal_the_full_pass(backend, views):
     torch.manual_seed(0)
     model = MGCN(MGCNConfig(embedding_dim=8, knn_k=4), random_context(backend, views))
     assert_equal_to_the_old_path(model, mgcn_full_pass_loss)
+
+
+def lgmrec_every_row_loss(model, users, pos, neg):
+    """LGMRec's loss before distinct anchors: one InfoNCE term per batch row, duplicates computed again."""
+    e, global_ = model()
+    u, p, n = e[users], e[model.n_users + pos], e[model.n_users + neg]
+    bpr = bpr_loss((u * p).sum(1), (u * n).sum(1))
+    cl = torch.zeros(())
+    for a, b in itertools.combinations(global_, 2):
+        for rows, every in ((users, slice(None, model.n_users)), (model.n_users + pos, slice(model.n_users, None))):
+            cl = cl + old_info_nce(global_[a][rows], global_[b][rows], model.cfg.tau, global_[b][every], "sum")
+    return bpr + model.cfg.cl_weight * cl + model.cfg.reg_weight * layers.norm_penalty(u, p, n)
+
+
+@pytest.mark.parametrize("backend", available_backends())
+def test_lgmrec_distinct_anchors_equal_every_row(backend):
+    from dprec.models.lgmrec import LGMRec, LGMRecConfig
+    from tests.models.test_dprec import random_context
+
+    users, pos, _ = batch(size=24)
+    assert len(torch.unique(users)) < 24 and len(torch.unique(pos)) < 24  # duplicates: the case that changed
+    torch.manual_seed(0)
+    model = LGMRec(LGMRecConfig(embedding_dim=8, n_hyperedges=3, cl_weight=0.05), random_context(backend))
+    assert_equal_to_the_old_path(model, lgmrec_every_row_loss)
