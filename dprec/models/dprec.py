@@ -44,6 +44,7 @@ from dprec.models.layers import (
     propagate_rounds,
     register_feature_buffers,
     select_features,
+    take_rows,
     user_item_block,
     user_mean_graph,
     xavier,
@@ -169,11 +170,6 @@ class DPRecEmbeddings:
     def position(self, nodes: Tensor) -> Tensor:
         """Where ``nodes`` are in the per-node fields."""
         return nodes if self.rows is None else torch.searchsorted(self.rows, nodes)
-
-
-def _take(x: Tensor, rows: Tensor | None) -> Tensor:
-    """The ``rows`` of x (all of x for None)."""
-    return x if rows is None else x[rows]
 
 
 def missing_for_alignment(level: str, n_modalities: int, has_content: bool, has_hypergraph: bool) -> str | None:
@@ -303,13 +299,13 @@ class DPRec(Recommender):
     def _memory(self, items: Tensor, rows: Tensor | None) -> Tensor:
         """H_m^mem: users start as the mean of their items' projections, then n_mm_layers rounds over Â (last kept)."""
         return F.normalize(
-            _take(memory_rounds(self.ui_graph, self.user_mean, items, self.cfg.n_mm_layers), rows), dim=1
+            take_rows(memory_rounds(self.ui_graph, self.user_mean, items, self.cfg.n_mm_layers), rows), dim=1
         )
 
     def _expansion(self, name: str, items: Tensor, rows: Tensor | None) -> Tensor:
         """H_m^exp: n_ii_layers rounds over the kNN graph of F_m; users aggregate through the block of Â."""
         items = propagate_rounds(self.knn[name], items, self.cfg.n_ii_layers)
-        return F.normalize(_take(torch.cat([self.user_block.propagate(items), items]), rows), dim=1)
+        return F.normalize(take_rows(torch.cat([self.user_block.propagate(items), items]), rows), dim=1)
 
     def _fuse_perspectives(self, name: str, memory: Tensor | None, expansion: Tensor | None) -> Tensor:
         """H_m: the perspectives of modality ``name`` that are switched on, fused by its gate (or summed)."""
@@ -336,7 +332,7 @@ class DPRec(Recommender):
 
     def predict_embeddings(self, emb: DPRecEmbeddings) -> Tensor:
         """Part 6: e = H_id + beta * H_mm + alpha * normalise(sum_m G_m), for the nodes ``emb.rows``."""
-        e = _take(emb.h_id, emb.rows)
+        e = take_rows(emb.h_id, emb.rows)
         if emb.h_mm is not None:
             e = e + self.cfg.beta * emb.h_mm
         if emb.g_modality:
@@ -351,7 +347,12 @@ class DPRec(Recommender):
         """Mean over modality pairs (a, b) of the summed InfoNCE of a vs b on each set of ``rows``."""
         pairs = list(itertools.combinations(per_modality, 2))
         total = sum(
-            info_nce(per_modality[a][r], per_modality[b][r], self.cfg.align_tau, group_size=self.cfg.align_group)
+            info_nce(
+                take_rows(per_modality[a], r),
+                take_rows(per_modality[b], r),
+                self.cfg.align_tau,
+                group_size=self.cfg.align_group,
+            )
             for a, b in pairs
             for r in rows
         )
@@ -368,7 +369,12 @@ class DPRec(Recommender):
             losses["hyperedge"] = self._cross_modal(emb.hyperedges, [slice(None)])
         if self.align["behaviour"]:
             losses["behaviour"] = sum(
-                info_nce(emb.h_mm[r], emb.h_id[node], self.cfg.align_tau, group_size=self.cfg.align_group)
+                info_nce(
+                    take_rows(emb.h_mm, r),
+                    take_rows(emb.h_id, node),
+                    self.cfg.align_tau,
+                    group_size=self.cfg.align_group,
+                )
                 for r, node in zip(rows, nodes, strict=True)
             )
         return losses
@@ -380,10 +386,11 @@ class DPRec(Recommender):
         """
         users_at, pos_at, neg_at = users, self.n_users + pos, self.n_users + neg
         emb = self(torch.unique(torch.cat([users_at, pos_at, neg_at])))
-        u, p, n = (emb.e[emb.position(nodes)] for nodes in (users_at, pos_at, neg_at))
+        u, p, n = (take_rows(emb.e, emb.position(nodes)) for nodes in (users_at, pos_at, neg_at))
         bpr = bpr_loss((u * p).sum(1), (u * n).sum(1))
         align = self.alignment_losses(emb, users, pos)
-        reg = self.cfg.lambda_reg * l2_reg(self.user_emb[users], self.item_emb[pos], self.item_emb[neg])
+        ids = take_rows(self.user_emb, users), take_rows(self.item_emb, pos), take_rows(self.item_emb, neg)
+        reg = self.cfg.lambda_reg * l2_reg(*ids)
         loss = bpr + reg + self.cfg.lambda_align * sum(align.values())
         parts = {"bpr": float(bpr.detach()), "reg": float(reg.detach())}
         parts.update({f"align_{level}": float(value.detach()) for level, value in align.items()})

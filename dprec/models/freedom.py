@@ -35,6 +35,7 @@ from dprec.models.layers import (
     propagate_rounds,
     register_feature_buffers,
     select_features,
+    take_rows,
     unique_pairs,
     xavier,
 )
@@ -246,7 +247,7 @@ class FREEDOM(Recommender):
 
     def calculate_loss(self, users: Tensor, pos: Tensor, neg: Tensor) -> tuple[Tensor, dict[str, float]]:
         user_all, item_all = self(self.training_graph())
-        u, p, n = user_all[users], item_all[pos], item_all[neg]
+        u, p, n = take_rows(user_all, users), take_rows(item_all, pos), take_rows(item_all, neg)
         bpr = bpr_loss((u * p).sum(1), (u * n).sum(1))
         modal = self.modality_bpr(u, pos, neg)
         loss = bpr + self.cfg.reg_weight * modal

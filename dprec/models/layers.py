@@ -95,6 +95,14 @@ def user_item_block(ctx: ModelContext) -> PropagationGraph:
     )
 
 
+def take_rows(x: Tensor, rows: Tensor | slice | None) -> Tensor:
+    """The ``rows`` of x (all of x for None): ``index_select`` for an index tensor, whose backward is a fast
+    ``index_add_`` (x[rows]'s backward, an accumulating ``index_put_``, cost 10x more on this CPU)."""
+    if rows is None:
+        return x
+    return x.index_select(0, rows) if isinstance(rows, Tensor) else x[rows]
+
+
 def propagate_rounds(graph: PropagationGraph, x: Tensor, n_rounds: int) -> Tensor:
     """x after ``n_rounds`` rounds over ``graph`` (the last round kept, not a mean over rounds as LightGCN)."""
     for _ in range(n_rounds):
@@ -116,9 +124,9 @@ def hypergraph_rounds(
     for round_ in range(n_rounds):
         if round_ == n_rounds - 1 and rows is not None and isinstance(incidence, Tensor):
             hyperedges = incidence.T @ x
-            return incidence[rows] @ hyperedges, hyperedges
+            return take_rows(incidence, rows) @ hyperedges, hyperedges
         x, hyperedges = hypergraph_conv(incidence, x, backend)
-    return (x if rows is None else x[rows]), hyperedges
+    return take_rows(x, rows), hyperedges
 
 
 def info_nce(
@@ -143,7 +151,10 @@ def info_nce(
     if candidates is None and 0 < group_size < len(a):
         n_groups = -(-len(a) // group_size)
         order = torch.randperm(len(a), device=a.device)
-        a, p = a[order], p[order]  # the groups are then contiguous slices (one gather, views after it)
+        a, p = (
+            take_rows(a, order),
+            take_rows(p, order),
+        )  # the groups are then contiguous slices (one gather, views after it)
         bounds = [k * len(a) // n_groups for k in range(n_groups + 1)]
         loss = (
             torch.cat([logsumexp_of_products(a[i:j] / tau, p[i:j]) for i, j in itertools.pairwise(bounds)])
@@ -161,30 +172,43 @@ LSE_BLOCK_FLOATS = 1 << 20
 """Entries of one block of ``a @ c.T`` in ``logsumexp_of_products`` (4 MiB: big enough for an efficient matmul, small
 enough for the cache; 1 and 4 MiB were fastest of 1-64 MiB for 2,048 x 19,445 on this CPU)."""
 
+LSE_KEEP_FLOATS = 1 << 22
+"""Largest ``a @ c.T`` (entries, 16 MiB) whose softmax ``logsumexp_of_products`` keeps for the backward instead of
+recomputing it (in-batch InfoNCE groups: 2,048 x 2,048); a larger one (against all users) is recomputed by blocks."""
+
 
 class _LogSumExpOfProducts(torch.autograd.Function):
-    """lse_i = log sum_j exp(<a_i, c_j>) by row blocks; the backward recomputes each block instead of keeping
-    the (rows x candidates) matrix, so no full similarity matrix is ever held."""
+    """lse_i = log sum_j exp(<a_i, c_j>) by row blocks. The backward needs the softmax rows exp(<a_i, c_j> - lse_i):
+    kept from the forward when the whole matrix is at most ``LSE_KEEP_FLOATS`` entries, else recomputed block by
+    block, so no large similarity matrix is ever held."""
 
     @staticmethod
     def forward(ctx, a: Tensor, c: Tensor) -> Tensor:
         rows = max(1, LSE_BLOCK_FLOATS // max(len(c), 1))
+        keep = len(a) * len(c) <= LSE_KEEP_FLOATS
         lse = torch.empty(len(a), dtype=a.dtype, device=a.device)
+        softmax = []
         for start in range(0, len(a), rows):
             block = a[start : start + rows] @ c.T
             top = block.amax(1, keepdim=True)
-            lse[start : start + rows] = block.sub_(top).exp_().sum(1).log_().add_(top.squeeze(1))
-        ctx.save_for_backward(a, c, lse)
+            total = block.sub_(top).exp_().sum(1, keepdim=True)
+            lse[start : start + rows] = total.log().add_(top).squeeze(1)
+            if keep:
+                softmax.append(block.div_(total))
+        ctx.save_for_backward(a, c, lse, *softmax)
         ctx.rows = rows
         return lse
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:
-        a, c, lse = ctx.saved_tensors
+        a, c, lse, *softmax = ctx.saved_tensors
         grad_a, grad_c = torch.empty_like(a), torch.zeros_like(c)
-        for start in range(0, len(a), ctx.rows):
+        for block, start in enumerate(range(0, len(a), ctx.rows)):
             sl = slice(start, start + ctx.rows)
-            weights = (a[sl] @ c.T).sub_(lse[sl, None]).exp_().mul_(grad[sl, None])  # softmax rows x upstream
+            if softmax:
+                weights = softmax[block] * grad[sl, None]  # kept (not scaled in place: a second backward reads them)
+            else:
+                weights = (a[sl] @ c.T).sub_(lse[sl, None]).exp_().mul_(grad[sl, None])  # recomputed
             grad_a[sl] = weights @ c
             grad_c.addmm_(weights.T, a[sl])
         return grad_a, grad_c

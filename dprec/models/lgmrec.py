@@ -39,6 +39,7 @@ from dprec.models.layers import (
     norm_penalty,
     register_feature_buffers,
     select_features,
+    take_rows,
     unique_pairs,
     user_mean_graph,
     xavier,
@@ -152,13 +153,15 @@ class LGMRec(Recommender):
         for a, b in itertools.combinations(global_, 2):
             for nodes, every in ((users, slice(None, self.n_users)), (self.n_users + pos, slice(self.n_users, None))):
                 rows, counts = torch.unique(nodes, return_counts=True)
-                terms = info_nce(global_[a][rows], global_[b][rows], self.cfg.tau, global_[b][every], "none")
+                terms = info_nce(
+                    take_rows(global_[a], rows), take_rows(global_[b], rows), self.cfg.tau, global_[b][every], "none"
+                )
                 total = total + (terms * counts).sum()
         return total
 
     def calculate_loss(self, users: Tensor, pos: Tensor, neg: Tensor) -> tuple[Tensor, dict[str, float]]:
         e, global_ = self()
-        u, p, n = e[users], e[self.n_users + pos], e[self.n_users + neg]
+        u, p, n = (take_rows(e, i) for i in (users, self.n_users + pos, self.n_users + neg))
         bpr = bpr_loss((u * p).sum(1), (u * n).sum(1))
         cl = self._cross_modal(global_, users, pos)
         reg = self.cfg.reg_weight * norm_penalty(u, p, n)

@@ -13,7 +13,7 @@ import torch
 from dprec.config import check_types
 from dprec.graph import build_user_item_graph, lightgcn_propagate
 from dprec.models.base import ModelContext, Recommender, bpr_loss, l2_reg
-from dprec.models.layers import xavier
+from dprec.models.layers import take_rows, xavier
 
 
 @dataclass
@@ -59,7 +59,9 @@ class LightGCN(Recommender):
 
     def calculate_loss(self, users, pos, neg):
         user_all, item_all = self()
-        u, p, n = user_all[users], item_all[pos], item_all[neg]
+        u, p, n = take_rows(user_all, users), take_rows(item_all, pos), take_rows(item_all, neg)
         bpr = bpr_loss((u * p).sum(1), (u * n).sum(1))
-        reg = self.cfg.reg_weight * l2_reg(self.user_emb[users], self.item_emb[pos], self.item_emb[neg])
+        reg = self.cfg.reg_weight * l2_reg(
+            take_rows(self.user_emb, users), take_rows(self.item_emb, pos), take_rows(self.item_emb, neg)
+        )
         return bpr + reg, {"bpr": float(bpr.detach()), "reg": float(reg.detach())}

@@ -31,6 +31,7 @@ from dprec.models.layers import (
     info_nce,
     propagate_rounds,
     select_features,
+    take_rows,
     user_item_block,
     xavier,
 )
@@ -130,7 +131,7 @@ class MGCN(Recommender):
         h_id = lightgcn_propagate(self.ui_graph, torch.cat([self.user_emb, self.item_emb]), self.cfg.n_ui_layers)
         modal = {m: self._item_item_view(m) for m in self.features}
         if rows is not None:
-            h_id, modal = h_id[rows], {m: h[rows] for m, h in modal.items()}
+            h_id, modal = take_rows(h_id, rows), {m: take_rows(h, rows) for m, h in modal.items()}
         if self.common_query is None:
             side = next(iter(modal.values())) / 2  # the fuser's formula with a zero specific part
         else:
@@ -149,10 +150,12 @@ class MGCN(Recommender):
         rows = torch.unique(torch.cat(nodes))
         e, side, h_id = self(rows)
         users, items, negs = (torch.searchsorted(rows, n) for n in nodes)  # positions in rows
-        u, p, n = e[users], e[items], e[negs]
+        u, p, n = (take_rows(e, i) for i in (users, items, negs))
         bpr = bpr_loss((u * p).sum(1), (u * n).sum(1))
         reg = self.cfg.reg_weight * l2_reg(u, p, n)
         tau, group = self.cfg.cl_tau, self.cfg.cl_group
-        cl = sum(info_nce(side[rows], h_id[rows], tau, group_size=group) for rows in (items, users))
+        cl = sum(
+            info_nce(take_rows(side, rows), take_rows(h_id, rows), tau, group_size=group) for rows in (items, users)
+        )
         loss = bpr + reg + self.cfg.cl_weight * cl
         return loss, {"bpr": float(bpr.detach()), "reg": float(reg.detach()), "cl": float(cl.detach())}
