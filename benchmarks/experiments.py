@@ -39,10 +39,13 @@ from dprec.config import from_dict, load_yaml, merge
 from dprec.data.dataset import load_dataset
 from dprec.features.modalities import load_features
 from dprec.models import MODELS
+from dprec.models.base import Recommender
 from dprec.training.config import RunConfig
 from dprec.training.loop import Trainer
 
 METRICS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
+MODEL_DEFAULTED = tuple(Recommender.train_defaults)
+"""Train settings whose default depends on the model (batch size, feature rank)."""
 
 
 def search_points(search: dict[str, list[Any]]) -> list[dict[str, Any]]:
@@ -66,12 +69,18 @@ def train_once(
     results: Path | None = None,
 ) -> dict:
     """One training run, or its result file under ``results`` when that exists (None: nothing is cached)."""
+    # the train settings a grid leaves open take the model's defaults (RunConfig): the identity records their values,
+    # so a later change of a default is a new configuration, not a cached result of the old one
+    resolved = from_dict(RunConfig, {"dataset": dataset, "model": model, "train": train}, "experiment").train
     identity = {
         "dataset": dataset,
         "dataset_hash": ds.meta.get("content_hash", ""),
         "features": feature_names,
         "model": model,
-        "train": {k: v for k, v in train.items() if k != "threads"},
+        "train": {
+            **{key: getattr(resolved, key) for key in MODEL_DEFAULTED},
+            **{k: v for k, v in train.items() if k != "threads"},
+        },
     }
     digest = config_hash(identity)
     path = None if results is None else results / f"{model['name']}-{digest}-s{seed}.json"
