@@ -137,12 +137,18 @@ def test_lr_step_decay_is_a_function_of_the_epoch(dataset_dir, tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("model", "batch", "rank"),
-    [("dprec", 8192, 256), ("mgcn", 8192, 256), ("lgmrec", 8192, 256), ("lightgcn", 2048, 0), ("freedom", 2048, 0)],
+    ("model", "batch", "rank", "lr"),
+    [
+        ("dprec", 8192, 256, 0.005),
+        ("mgcn", 8192, 256, 0.004),
+        ("lgmrec", 8192, 256, 0.004),
+        ("lightgcn", 2048, 0, 1e-3),
+        ("freedom", 2048, 0, 1e-3),
+    ],
 )
-def test_open_train_settings_take_the_models_defaults(model, batch, rank):
+def test_open_train_settings_take_the_models_defaults(model, batch, rank, lr):
     cfg = RunConfig(dataset="x", model={"name": model})
-    assert (cfg.train.batch_size, cfg.train.feature_rank) == (batch, rank)
+    assert (cfg.train.batch_size, cfg.train.feature_rank, cfg.train.lr) == (batch, rank, lr)
     assert cfg.as_dict()["train"]["batch_size"] == batch  # the resolved value is what a run records
     given = RunConfig(dataset="x", model={"name": model}, train=TrainConfig(batch_size=512, feature_rank=0))
     assert (given.train.batch_size, given.train.feature_rank) == (512, 0)

@@ -34,8 +34,9 @@ class ModelContext:
 
 
 class Recommender(nn.Module, ABC):
-    train_defaults: ClassVar[dict[str, int]] = {"batch_size": 2048, "feature_rank": 0}
-    """The model's values of the train settings a run config leaves open (None): MMRec's batch, raw widths."""
+    train_defaults: ClassVar[dict[str, int | float]] = {"batch_size": 2048, "feature_rank": 0, "lr": 1e-3}
+    """The model's values of the train settings a run config leaves open (None): MMRec's batch, raw widths and
+    learning rate."""
     trainable = True
     uses_features = True
     """False for models that never read item features (ID-only), so callers can skip loading them."""

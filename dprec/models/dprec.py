@@ -198,9 +198,9 @@ def active_alignment(cfg: DPRecConfig, n_modalities: int, has_content: bool, has
 
 
 class DPRec(Recommender):
-    train_defaults: ClassVar[dict[str, int]] = {"batch_size": 8192, "feature_rank": 256}
-    """Every step is a full-graph pass through the feature projections, so larger steps over reduced views (switches
-    chosen on validation: docs/benchmarks.md#speed-switches)."""
+    train_defaults: ClassVar[dict[str, int | float]] = {"batch_size": 8192, "feature_rank": 256, "lr": 0.005}
+    """Every step is a full-graph pass through the feature projections, so larger steps over reduced views, at a
+    learning rate for 4x fewer steps an epoch (switches chosen on validation: docs/benchmarks.md#speed-switches)."""
 
     def __init__(self, cfg: DPRecConfig, ctx: ModelContext) -> None:
         super().__init__(ctx)

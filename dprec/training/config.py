@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from dprec.config import check_types, from_dict, load_yaml, merge, parse_overrides, to_dict
 from dprec.models import MODELS
+from dprec.models.base import Recommender
 from dprec.training.metrics import DEFAULT_KS
 
 MAX_THREADS = 1024
@@ -33,8 +34,9 @@ class TrainConfig:
     batch_size: int | None = None
     """Positive pairs per step (each with one sampled negative); None = the model's default (its class's
     ``train_defaults``: 8,192 for DPRec, MGCN and LGMRec, whose epochs are full-graph passes, else MMRec's 2,048)."""
-    lr: float = 1e-3
-    """Adam learning rate."""
+    lr: float | None = None
+    """Adam learning rate; None = the model's default (``train_defaults``: 1e-3, MMRec's; scaled with the batch
+    for the models that train at 8,192)."""
     lr_decay: float = 1.0
     """Step decay: the learning rate of epoch e is lr * lr_decay ** (e // lr_decay_every) (MGCN: 0.96 per 50)."""
     lr_decay_every: int = 50
@@ -65,7 +67,7 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "patience", "eval_every", "eval_chunk_size", "lr_decay_every"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"train.{name} must be a positive integer, got {getattr(self, name)}")
-        if self.lr <= 0:
+        if self.lr is not None and self.lr <= 0:
             raise ValueError(f"train.lr must be positive, got {self.lr}")
         if not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"train.seed must be an integer in [0, {MAX_SEED}], got {self.seed}")
@@ -109,7 +111,8 @@ class RunConfig:
         name = self.model["name"]
         if name not in MODELS:
             raise ValueError(f"model.name must be one of {sorted(MODELS)}, got {name!r}")
-        for key, value in MODELS[name][0].train_defaults.items():  # train settings left open take the model's
+        defaults = {**Recommender.train_defaults, **MODELS[name][0].train_defaults}
+        for key, value in defaults.items():  # train settings left open take the model's
             if getattr(self.train, key) is None:
                 setattr(self.train, key, value)
 
