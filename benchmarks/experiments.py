@@ -45,7 +45,7 @@ from dprec.training.loop import Trainer
 
 METRICS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
 MODEL_DEFAULTED = tuple(Recommender.train_defaults)
-"""Train settings whose default depends on the model (batch size, feature rank)."""
+"""Train settings whose default depends on the model (batch size, feature rank, learning rate)."""
 
 
 def search_points(search: dict[str, list[Any]]) -> list[dict[str, Any]]:
@@ -71,14 +71,14 @@ def train_once(
     """One training run, or its result file under ``results`` when that exists (None: nothing is cached)."""
     # the train settings a grid leaves open take the model's defaults (RunConfig): the identity records their values,
     # so a later change of a default is a new configuration, not a cached result of the old one
-    resolved = from_dict(RunConfig, {"dataset": dataset, "model": model, "train": train}, "experiment").train
+    cfg = from_dict(RunConfig, {"dataset": dataset, "model": model, "train": {**train, "seed": seed}}, "experiment")
     identity = {
         "dataset": dataset,
         "dataset_hash": ds.meta.get("content_hash", ""),
         "features": feature_names,
         "model": model,
         "train": {
-            **{key: getattr(resolved, key) for key in MODEL_DEFAULTED},
+            **{key: getattr(cfg.train, key) for key in MODEL_DEFAULTED},
             **{k: v for k, v in train.items() if k != "threads"},
         },
     }
@@ -86,7 +86,6 @@ def train_once(
     path = None if results is None else results / f"{model['name']}-{digest}-s{seed}.json"
     if path is not None and path.is_file():
         return json.loads(path.read_text())
-    cfg = from_dict(RunConfig, {"dataset": dataset, "model": model, "train": {**train, "seed": seed}}, "experiment")
     t0 = time.perf_counter()
     trainer = Trainer(cfg, ds, features=features)
     result = trainer.fit(log=lambda line: None)

@@ -121,11 +121,12 @@ def hypergraph_rounds(
     """(nodes, hyperedges) after ``n_rounds`` hypergraph convolutions node -> hyperedge -> node from x (n_rounds >= 1);
     with ``rows`` (node indices) only those nodes of the last round, read out of a dense incidence for those rows
     alone (H[rows] (H^T x): the same sums, without the other nodes' products)."""
-    for round_ in range(n_rounds):
-        if round_ == n_rounds - 1 and rows is not None and isinstance(incidence, Tensor):
-            hyperedges = incidence.T @ x
-            return take_rows(incidence, rows) @ hyperedges, hyperedges
-        x, hyperedges = hypergraph_conv(incidence, x, backend)
+    for _ in range(n_rounds - 1):
+        x, _ = hypergraph_conv(incidence, x, backend)
+    if rows is not None and isinstance(incidence, Tensor):
+        hyperedges = incidence.T @ x
+        return take_rows(incidence, rows) @ hyperedges, hyperedges
+    x, hyperedges = hypergraph_conv(incidence, x, backend)
     return take_rows(x, rows), hyperedges
 
 
@@ -151,10 +152,8 @@ def info_nce(
     if candidates is None and 0 < group_size < len(a):
         n_groups = -(-len(a) // group_size)
         order = torch.randperm(len(a), device=a.device)
-        a, p = (
-            take_rows(a, order),
-            take_rows(p, order),
-        )  # the groups are then contiguous slices (one gather, views after it)
+        # one gather into a random order: the groups are then contiguous slices, views of it
+        a, p = take_rows(a, order), take_rows(p, order)
         bounds = [k * len(a) // n_groups for k in range(n_groups + 1)]
         loss = (
             torch.cat([logsumexp_of_products(a[i:j] / tau, p[i:j]) for i, j in itertools.pairwise(bounds)])
