@@ -267,7 +267,9 @@ def test_blocks_are_ranked_beside_the_scoring(monkeypatch, two_threads):
     old = old_evaluate_ranking(lambda u: scores[u], truth, train, ks)
     assert evaluate_ranking(lambda u: scores[u], truth, train, ks, block_bytes=4 * 1500 * 8, workers=1) == old
     main = threading.main_thread().name
-    assert len(where) > 10 and sum(name != main for name in where) > len(where) // 3
+    # the first three blocks go to the workers whatever the timing (the first is ranked there and waited for,
+    # the second and third find fewer than 2 * workers blocks pending); later ones go where there is room
+    assert len(where) > 10 and sum(name != main for name in where) >= 3
     where.clear()
     buffer = torch.empty_like(scores)
     reusing = lambda u: torch.index_select(scores, 0, u, out=buffer[: len(u)])  # noqa: E731
