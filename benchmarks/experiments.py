@@ -3,7 +3,8 @@
     python benchmarks/experiments.py --grid benchmarks/grids/ml100k.yaml [--seeds 1 2 3] [--only dprec lightgcn]
 
 A grid file names datasets (a prepared dataset folder and its feature views) and models (a
-``model:`` section, optionally with ``search:`` lists of hyper-parameter values). For every
+``model:`` section, optionally with ``search:`` lists of hyper-parameter values; a ``train.<key>`` entry, e.g.
+``train.lr``, searches a train setting). For every
 dataset and model (a model may also carry ``modalities_from:``, the feature views it gets, and
 ``train:``, its overrides of the grid's train section):
 
@@ -51,6 +52,16 @@ MODEL_DEFAULTED = tuple(Recommender.train_defaults)
 def search_points(search: dict[str, list[Any]]) -> list[dict[str, Any]]:
     keys = sorted(search)
     return [dict(zip(keys, values, strict=True)) for values in itertools.product(*(search[k] for k in keys))] or [{}]
+
+
+def split_point(model: dict, train: dict, point: dict[str, Any]) -> tuple[dict, dict]:
+    """The model and train sections of one search point: ``train.<key>`` values (``train.lr``) go to the train
+    section, the others to the model's."""
+    prefix = "train."
+    return (
+        {**model, **{k: v for k, v in point.items() if not k.startswith(prefix)}},
+        {**train, **{k[len(prefix) :]: v for k, v in point.items() if k.startswith(prefix)}},
+    )
 
 
 def config_hash(config: dict) -> str:
@@ -125,7 +136,7 @@ def run_model(
     names = ",".join(f"{k}={data['features'][k]}" for k in sorted(feats))
     trials = []
     for point in search_points(spec.get("search", {})):
-        r = train_once(data["dataset"], feats, {**model, **point}, train, seeds[0], ds, names, results)
+        r = train_once(data["dataset"], feats, *split_point(model, train, point), seeds[0], ds, names, results)
         trials.append((r["valid"]["recall@20"], point, r))
         print(
             f"    {name} {point or '(defaults)'}: valid R@20 {r['valid']['recall@20']:.4f} "
@@ -133,8 +144,9 @@ def run_model(
             flush=True,
         )
     _, best_point, first = max(trials, key=lambda t: t[0])
+    best_model, best_train = split_point(model, train, best_point)
     runs = [first] + [
-        train_once(data["dataset"], feats, {**model, **best_point}, train, s, ds, names, results) for s in seeds[1:]
+        train_once(data["dataset"], feats, best_model, best_train, s, ds, names, results) for s in seeds[1:]
     ]
     test = {m: [r["test"][m] for r in runs] for m in METRICS}
     summary = {m: (float(np.mean(v)), float(np.std(v))) for m, v in test.items()}
@@ -156,7 +168,13 @@ def summary_json(rows: list[dict]) -> dict:
     out = {}
     for row in rows:
         entry = {m: {"mean": row["summary"][m][0], "std": row["summary"][m][1], "n": len(row["runs"])} for m in METRICS}
-        out[row["model"]] = {**entry, "features": row["features"], "selected": row["selected"]}
+        out[row["model"]] = {
+            **entry,
+            "features": row["features"],
+            "selected": row["selected"],
+            "seconds_per_epoch": row["seconds_per_epoch"],
+            "best_epoch": row["best_epoch"],
+        }
     return out
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Datasets and feature sets of the experiment grids (benchmarks/grids/*.yaml), from ../shared/data.
-#   bash benchmarks/prepare_experiments.sh [ml100k] [sports] [scientific] [instruments] [default]   (default: all)
+#   bash benchmarks/prepare_experiments.sh [ml100k] [sports] [scientific] [instruments] [default] [scientific_llm]
+#       [sports_llm]   (default: all)
 # Writes data/<name>/ and data_shards/<catalogue>/<feature-set>/; a rerun skips finished work
 # (complete shards are kept). Each catalogue's features serve all its splits (items hash).
 set -euo pipefail
@@ -17,6 +18,7 @@ ENC_A=$'Title: {title}\nDescription: {description}'
 ENC_B=$'Genres: {categories}\nYear: {release_year}\nDirector: {director}\nCast: {cast}'
 # every standard text field, labelled, in prompt order (title, brand, categories, description); empty ones left out
 ENC_ITEM='{item}'
+LLM_ITEM=$'This product: "{item}" means in one word:"'
 
 ml100k() {
   for split in random chrono; do
@@ -47,7 +49,7 @@ sports() {
     --items-per-shard 1024 --prompt-template 'This product: "{description}" means in one word:"'
   # the same interactions with real item text (item_text.tsv: the short title; the brand and category path as
   # categories) beside the keywords: another catalogue, so its own datasets and feature folder
-  for split in chrono random; do
+  for split in given chrono random; do
     [ -f "data/sports-text-$split/dataset.json" ] || "$PY" -m dprec.prepare mmrec "$SHARED/amazon-sports" \
       --user-sequence "$SHARED/amazon-sports/user_sequence.txt" --item-text "$SHARED/amazon-sports/item_text.tsv" \
       --item-keywords "$SHARED/amazon-sports/item_keywords.txt" --out "data/sports-text-$split" --split "$split" --seed 0
@@ -67,6 +69,19 @@ scientific() {
     --prompt-template "$ENC_ITEM"
 }
 
+# the same item text through SmolLM2 (PromptEOL, last token): the LLM feature sets beside MiniLM's
+scientific_llm() {
+  scientific
+  "${EXTRACT[@]}" --dataset data/scientific-random --out data_shards/scientific/smollm2 --text-model smollm2 \
+    --prompt-template "$LLM_ITEM"
+}
+
+sports_llm() {
+  sports
+  "${EXTRACT[@]}" --dataset data/sports-text-chrono --out data_shards/sports-text/smollm2 --text-model smollm2 \
+    --items-per-shard 1024 --prompt-template "$LLM_ITEM"
+}
+
 instruments() {
   # Musical Instruments: no item text; item and user ASINs through the ID maps
   for split in random chrono; do
@@ -82,6 +97,6 @@ instruments() {
     --modality text_codes image_codes --store-dtype float16
 }
 
-for target in "${@:-ml100k sports scientific instruments default}"; do
+for target in "${@:-ml100k sports scientific instruments default scientific_llm sports_llm}"; do
   for t in $target; do "$t"; done
 done

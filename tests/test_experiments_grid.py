@@ -56,3 +56,40 @@ def test_a_rerun_trains_nothing_and_rebuilds_the_summary(experiments, tmp_path, 
     assert experiments.main(args) == 0
     assert json.loads((tmp_path / "results" / "syn.summary.json").read_text()) == summary
     assert sorted((tmp_path / "results" / "syn").glob("*.json")) == files
+
+
+def test_a_train_key_in_the_search_goes_to_the_train_section(experiments, tmp_path):
+    data = save_dataset(generate(), tmp_path / "synthetic")
+    grid = {
+        "train": {"epochs": 1, "patience": 5, "graph_backend": "torch", "ks": [10, 20]},
+        "datasets": {"syn": {"dataset": str(data)}},
+        "models": {"lightgcn": {"name": "lightgcn", "search": {"train.lr": [0.002, 0.02], "reg_weight": [1e-4]}}},
+    }
+    path = tmp_path / "lr.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    args = ["--grid", str(path), "--seeds", "1", "--threads", "1", "--no-mlflow"]
+    args += ["--results", str(tmp_path / "results"), "--out", str(tmp_path / "out")]
+    assert experiments.main(args) == 0
+    runs = [json.loads(f.read_text()) for f in (tmp_path / "results" / "syn").glob("*.json")]
+    assert sorted(r["config"]["train"]["lr"] for r in runs) == [0.002, 0.02]
+    assert all(r["config"]["model"] == {"name": "lightgcn", "reg_weight": 1e-4} for r in runs)
+    assert len({r["config_hash"] for r in runs}) == 2
+    selected = json.loads((tmp_path / "results" / "syn.summary.json").read_text())["lightgcn"]["selected"]
+    assert selected["train.lr"] in (0.002, 0.02) and selected["reg_weight"] == 1e-4
+
+
+def test_the_accuracy_verdict_needs_a_margin_above_the_larger_std():
+    spec = importlib.util.spec_from_file_location("bench_table", SCRIPT.parent / "accuracy_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def entry(mean, std):
+        cell = {"mean": mean, "std": std, "n": 3}
+        return {m: cell for m in module.METRICS} | {"features": "text=x", "selected": {}}
+
+    wins = {"dprec": entry(0.210, 0.002), "mgcn": entry(0.205, 0.003)}
+    assert module.verdict(wins, "dprec").startswith("dprec beats every model")
+    close = {"dprec": entry(0.210, 0.002), "mgcn": entry(0.205, 0.003), "freedom": entry(0.2085, 0.001)}
+    line = module.verdict(close, "dprec")
+    assert line.startswith("dprec does not beat") and "freedom +0.0015 (std 0.0020)" in line
+    assert "| dprec | 0.2100 ± 0.0020" in module.table("sci", close, "dprec")

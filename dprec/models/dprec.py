@@ -32,6 +32,7 @@ from dprec.config import check_types
 from dprec.graph import build_user_item_graph, lightgcn_propagate
 from dprec.graph.knn import DEFAULT_BLOCK_SIZE, build_item_knn_graph
 from dprec.models.base import ModelContext, Recommender, bpr_loss, l2_reg
+from dprec.models.freedom import DegreePruning
 from dprec.models.layers import (
     AttentionGate,
     check_modality_names,
@@ -67,6 +68,10 @@ class DPRecConfig:
     """Hidden width of the per-modality projection MLP (part 1)."""
     n_ui_layers: int = 2
     """LightGCN layers over the user-item graph for the ID embeddings H_id (part 2)."""
+    ui_dropout: float = 0.0
+    """FREEDOM's denoising for H_id: in training, each epoch's LightGCN over Â runs on a degree-sensitively pruned
+    graph keeping 1 - ui_dropout of the interactions (``freedom.DegreePruning``); evaluation uses the full Â.
+    0 = the full graph always."""
     n_mm_layers: int = 2
     """Rounds of the modality projections over the user-item graph, memory perspective (part 2)."""
     knn_k: int = 10
@@ -80,6 +85,11 @@ class DPRecConfig:
     expand_ids: bool = False
     """Expansion perspective also over the IDs: the item rows of H_id gain the mean over modalities of
     Ŝ_m^L' E_items, the item ID embeddings propagated over the kNN graphs (FREEDOM's item-item convolution)."""
+    purified_ids: bool = False
+    """Purified ID expansion (MGCN's item-item view): every row of H_id gains the mean over modalities of
+    [B Ŝ_m^L' P_m ; Ŝ_m^L' P_m], P_m = E_items * sigmoid(W_m X_m + b_m), the item ID embeddings gated by the
+    modality's projection, so the kNN graph of the content spreads behaviour, not content (the content view alone
+    was weaker where it lagged the IDs). Independent of use_expansion (it builds the kNN graphs itself)."""
     n_hyperedges: int = 4
     """K: number of learnable hyperedges shared by all modalities (part 5)."""
     n_hyper_layers: int = 1
@@ -142,6 +152,8 @@ class DPRecConfig:
         for name in ("hyperedge_tau", "align_tau"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.ui_dropout < 1:
+            raise ValueError(f"ui_dropout must lie in [0, 1), got {self.ui_dropout}")
         if not 0 < self.keep_rate <= 1:
             raise ValueError(f"keep_rate must lie in (0, 1], got {self.keep_rate}")
         check_modality_names(self.modalities)
@@ -232,9 +244,12 @@ class DPRec(Recommender):
         self.use_memory = self.has_content and cfg.use_memory
         self.use_expansion = self.has_content and cfg.use_expansion
         self.expand_ids = self.use_expansion and cfg.expand_ids
+        self.purified_ids = bool(features) and cfg.purified_ids
         attend = self.has_content and cfg.fusion == "attention"
+        self.pruning = DegreePruning(ctx, cfg.ui_dropout) if cfg.ui_dropout > 0 else None
+        self.pruned_graph = None
         self.user_mean = user_mean_graph(ctx) if self.use_memory or self.has_hypergraph else None
-        self.user_block = user_item_block(ctx) if self.use_expansion else None
+        self.user_block = user_item_block(ctx) if self.use_expansion or self.purified_ids else None
         self.knn = (
             {
                 m: build_item_knn_graph(
@@ -242,12 +257,17 @@ class DPRec(Recommender):
                 )
                 for m, f in features.items()
             }
-            if self.use_expansion
+            if self.use_expansion or self.purified_ids
             else {}
         )
         self.projection = (
             nn.ModuleDict({m: projection(f.shape[1], cfg.projection_hidden, d) for m, f in features.items()})
-            if self.has_content
+            if self.has_content or self.purified_ids
+            else None
+        )
+        self.purifier = (
+            nn.ModuleDict({m: nn.Sequential(nn.Linear(d, d), nn.Sigmoid()) for m in features})
+            if self.purified_ids
             else None
         )
         self.perspective_gate = (
@@ -268,10 +288,12 @@ class DPRec(Recommender):
         read-out, the prediction) run only for ``rows`` (sorted distinct node indices; None = all N nodes), the
         nodes a training batch touches: the same numbers for those rows, a fraction of the work.
         """
-        out = DPRecEmbeddings(h_id=self._id_memory(), rows=rows)  # 2 (and 3 for the item IDs, with expand_ids)
+        needs_x = self.has_content or self.purified_ids
+        xs = {name: self._projection(name) for name in self.modality_names} if needs_x else {}  # 1
+        out = DPRecEmbeddings(h_id=self._id_memory(xs), rows=rows)  # 2 (and 3 for the IDs: expand/purified_ids)
         if self.has_content:
             for name in self.modality_names:
-                x = self._projection(name)  # 1
+                x = xs[name]
                 memory = self._memory(x, rows) if self.use_memory else None  # 2
                 expansion = self._expansion(name, x, rows) if self.use_expansion else None  # 3
                 out.h_modality[name] = self._fuse_perspectives(name, memory, expansion)  # 4, per modality
@@ -282,14 +304,31 @@ class DPRec(Recommender):
         out.e = self.predict_embeddings(out)  # 6
         return out
 
-    def _id_memory(self) -> Tensor:
-        """H_id = LightGCN(Â, ID embeddings); with expand_ids its item rows gain the mean over modalities of Ŝ_m^L' E."""
-        h_id = lightgcn_propagate(self.ui_graph, torch.cat([self.user_emb, self.item_emb]), self.cfg.n_ui_layers)
-        if not self.expand_ids:
-            return h_id
+    def _id_memory(self, xs: dict[str, Tensor]) -> Tensor:
+        """H_id = LightGCN(Â, ID embeddings); with expand_ids its item rows gain the mean over modalities of Ŝ_m^L' E;
+        with purified_ids every row gains the mean over modalities of the purified ID view (MGCN's item-item view)."""
+        graph = self.ui_graph
+        if self.pruning is not None and self.training:
+            if self.pruned_graph is None:  # a model used outside the trainer: epoch 0 of seed 0
+                self.start_epoch(0, 0)
+            graph = self.pruned_graph
+        h_id = lightgcn_propagate(graph, torch.cat([self.user_emb, self.item_emb]), self.cfg.n_ui_layers)
         names = self.modality_names
-        expanded = sum(propagate_rounds(self.knn[m], self.item_emb, self.cfg.n_ii_layers) for m in names) / len(names)
-        return torch.cat([h_id[: self.n_users], h_id[self.n_users :] + expanded])
+        if self.expand_ids:
+            expanded = sum(propagate_rounds(self.knn[m], self.item_emb, self.cfg.n_ii_layers) for m in names)
+            h_id = torch.cat([h_id[: self.n_users], h_id[self.n_users :] + expanded / len(names)])
+        if self.purified_ids:
+            views = []
+            for m in names:
+                items = propagate_rounds(self.knn[m], self.item_emb * self.purifier[m](xs[m]), self.cfg.n_ii_layers)
+                views.append(torch.cat([self.user_block.propagate(items), items]))
+            h_id = h_id + sum(views) / len(names)
+        return h_id
+
+    def start_epoch(self, epoch: int, seed: int) -> None:
+        """Draw this epoch's pruned user-item graph for H_id (ui_dropout > 0; otherwise nothing to do)."""
+        if self.pruning is not None:
+            self.pruned_graph = self.pruning.graph(epoch, seed, self.user_emb.device)
 
     def _projection(self, name: str) -> Tensor:
         """X_m = MLP_m(F_m), centred over items (docs/design-notes.md#modelsdprec: why centred)."""

@@ -49,6 +49,32 @@ PRUNE_STREAM = 0x46524545
 """Third word of the pruning generator's seed sequence (seed, epoch, stream): apart from the trainer's streams."""
 
 
+class DegreePruning:
+    """FREEDOM's denoising of the user-item graph: each training epoch keeps int(|E| (1 - dropout)) distinct
+    interactions, drawn with probability proportional to 1/sqrt(d_u d_i) (degrees of the full training graph) from a
+    generator of (seed, epoch) alone, and re-normalises Ã = D^-1/2 A D^-1/2 on the kept edges."""
+
+    def __init__(self, ctx: ModelContext, dropout: float) -> None:
+        users, items = unique_pairs(ctx)
+        self.n_users, self.n_items, self.dropout, self.backend = ctx.n_users, ctx.n_items, dropout, ctx.graph_backend
+        self.edge_users, self.edge_items = torch.from_numpy(users), torch.from_numpy(items)
+        degree_u = np.bincount(users, minlength=ctx.n_users)[users]
+        degree_i = np.bincount(items, minlength=ctx.n_items)[items]
+        self.edge_weights = torch.from_numpy(1.0 / np.sqrt(degree_u * degree_i.astype(np.float64))).float()
+
+    def edges(self, epoch: int, seed: int) -> tuple[Tensor, Tensor]:
+        """(users, items) of the interactions kept in ``epoch``."""
+        # int() as FREEDOM, after a nudge: 240 * (1 - 0.8) is 47.99999999999999 in floating point
+        n_keep = int(len(self.edge_weights) * (1.0 - self.dropout) + 1e-6)
+        kept = sample_without_replacement(self.edge_weights, n_keep, epoch_generator(seed, epoch))
+        return self.edge_users[kept], self.edge_items[kept]
+
+    def graph(self, epoch: int, seed: int, device: torch.device) -> PropagationGraph:
+        """The normalised user-item graph of the edges kept in ``epoch``, on ``device``."""
+        users, items = self.edges(epoch, seed)
+        return build_user_item_graph(self.n_users, self.n_items, users, items, self.backend).to(device)
+
+
 @dataclass
 class FREEDOMConfig:
     """FREEDOM hyper-parameters (its published defaults; dropout and reg_weight from its grids)."""
@@ -168,11 +194,7 @@ class FREEDOM(Recommender):
         self.ui_graph = build_user_item_graph(
             ctx.n_users, ctx.n_items, ctx.train_users, ctx.train_items, ctx.graph_backend
         )
-        users, items = unique_pairs(ctx)
-        self.edge_users, self.edge_items = torch.from_numpy(users), torch.from_numpy(items)
-        degree_u = np.bincount(users, minlength=ctx.n_users)[users]
-        degree_i = np.bincount(items, minlength=ctx.n_items)[items]
-        self.edge_weights = torch.from_numpy(1.0 / np.sqrt(degree_u * degree_i.astype(np.float64))).float()
+        self.pruning = DegreePruning(ctx, cfg.dropout)
         self.pruned_graph: PropagationGraph | None = None
         self.pruned_for: tuple[int, int] | None = None  # (epoch, seed) of pruned_graph
         self.gather_buffers: dict[str, Tensor] = {}  # reused rows of fixed features, see _difference
@@ -190,18 +212,13 @@ class FREEDOM(Recommender):
     def pruned_edges(self, epoch: int, seed: int) -> tuple[Tensor, Tensor]:
         """(users, items) of the interactions kept in ``epoch``: int(|E| (1 - dropout)) distinct ones, drawn
         with probability proportional to 1/sqrt(d_u d_i) from a generator of (seed, epoch) alone."""
-        # int() as FREEDOM, after a nudge: 240 * (1 - 0.8) is 47.99999999999999 in floating point
-        n_keep = int(len(self.edge_weights) * (1.0 - self.cfg.dropout) + 1e-6)
-        kept = sample_without_replacement(self.edge_weights, n_keep, epoch_generator(seed, epoch))
-        return self.edge_users[kept], self.edge_items[kept]
+        return self.pruning.edges(epoch, seed)
 
     def start_epoch(self, epoch: int, seed: int) -> None:
         """Draw this epoch's pruned user-item graph (re-normalised on its kept edges); no-op without dropout."""
         if self.cfg.dropout == 0:
             return
-        users, items = self.pruned_edges(epoch, seed)
-        graph = build_user_item_graph(self.n_users, self.n_items, users, items, self.backend)
-        self.pruned_graph = graph.to(self.user_emb.device)
+        self.pruned_graph = self.pruning.graph(epoch, seed, self.user_emb.device)
         self.pruned_for = (epoch, seed)
 
     def training_graph(self) -> PropagationGraph:

@@ -282,3 +282,41 @@ def test_expand_ids_adds_the_knn_propagated_item_ids_to_the_id_view() -> None:
     torch.testing.assert_close(h_exp[N_USERS:] - h_base[N_USERS:], dense, atol=1e-5, rtol=1e-5)
     # part of the expansion perspective: off with it
     assert not make_model(expand_ids=True, use_expansion=False).expand_ids
+
+
+def test_purified_ids_add_the_gated_id_view_over_the_knn_graphs_to_every_row() -> None:
+    base, purified = make_model(), make_model(purified_ids=True)
+    purified.load_state_dict(base.state_dict(), strict=False)  # the purifier gates are new
+    base.eval(), purified.eval()
+    with torch.no_grad():
+        h_base, h_pure = base().h_id, purified().h_id
+        views = []
+        for m in purified.modality_names:
+            knn = purified.knn[m].propagate(torch.eye(N_ITEMS))  # the kNN graph as a dense matrix
+            gate = torch.sigmoid(purified.purifier[m][0](purified._projection(m)))
+            items = knn @ (purified.item_emb * gate)
+            views.append(torch.cat([purified.user_block.propagate(items), items]))
+        expected = (views[0] + views[1]) / 2
+    torch.testing.assert_close(h_pure - h_base, expected, atol=1e-5, rtol=1e-5)
+    assert expected[:N_USERS].abs().sum() > 0 and expected[N_USERS:].abs().sum() > 0  # users and items both gain
+    # independent of the content expansion: it builds its own kNN graphs
+    alone = make_model(purified_ids=True, use_expansion=False)
+    assert alone.purified_ids and set(alone.knn) == {"text", "image"}
+    assert not make_model(purified_ids=False, use_expansion=False).knn
+
+
+def test_ui_dropout_prunes_the_id_graph_in_training_only_and_reproducibly() -> None:
+    model = make_model(ui_dropout=0.5)
+    full = make_model()
+    full.load_state_dict(model.state_dict())
+    model.start_epoch(3, 7)
+    edges = model.pruning.edges(3, 7)
+    assert len(edges[0]) == 120  # 240 distinct interactions, half kept
+    assert all(torch.equal(a, b) for a, b in zip(edges, model.pruning.edges(3, 7), strict=True))
+    assert not torch.equal(edges[0], model.pruning.edges(4, 7)[0])  # another epoch, another draw
+    torch.testing.assert_close(eval_embeddings(model), eval_embeddings(full))  # evaluation: the full graph
+    model.train(), full.train()
+    with torch.no_grad():
+        assert not torch.allclose(model._id_memory({}), full._id_memory({}))
+    with pytest.raises(ValueError, match="ui_dropout"):
+        DPRecConfig(ui_dropout=1.0)

@@ -109,7 +109,7 @@ def test_pruning_keeps_the_expected_edges_renormalised_and_reproducibly() -> Non
     model = make_model(dropout=0.8)
     ctx = random_context()
     n_edges = len(set(zip(ctx.train_users.tolist(), ctx.train_items.tolist(), strict=True)))
-    assert n_edges == 240 and len(model.edge_weights) == 240
+    assert n_edges == 240 and len(model.pruning.edge_weights) == 240
     users, items = model.pruned_edges(3, 7)
     kept = set(zip(users.tolist(), items.tolist(), strict=True))
     assert len(users) == len(kept) == int(240 * 0.2) == 48
@@ -156,7 +156,7 @@ def test_pruning_prefers_edges_between_low_degree_nodes() -> None:
     per_edge = {"degree-1": survived["degree-1"] / (10 * 300), "hub": survived["hub"] / (20 * 300)}
     assert 0.3 < per_edge["degree-1"] < 0.42 and 0.09 < per_edge["hub"] < 0.15, per_edge
     # the exponential-key path for edge sets beyond torch.multinomial's 2^24 categories prefers them as much
-    weights = model.edge_weights
+    weights = model.pruning.edge_weights
     keys_path = torch.zeros(30)
     for epoch in range(300):
         gen = torch.Generator().manual_seed(epoch)
