@@ -20,7 +20,10 @@ Tables are printed as markdown and written beside the grid's output folder (``re
 Resumable: every finished run writes one small JSON file (config, config hash, seed, valid and test metrics,
 best epoch, seconds) under ``--results`` (default ``benchmarks/results/<grid>/``), named
 ``<dataset>/<model>-<config hash>-s<seed>.json``; a rerun reads a run whose file exists instead of training it,
-so a grid finishes over several sessions and its tables are rebuilt from the files. The per-dataset summary is
+so a grid finishes over several sessions and its tables are rebuilt from the files. The hash covers what the grid
+spells; the file also keeps the model's whole resolved config (``model_resolved``), and a file whose resolved config
+differs from what the same spec resolves to now (a model default changed since) is stale: the run is trained again
+and the file replaced (files written before this record was kept are read as they are). The per-dataset summary is
 ``<dataset>.summary.json``: ``{model: {"recall@20": {"mean", "std", "n"}, ..., "features": ...}}``.
 """
 
@@ -36,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from dprec.config import from_dict, load_yaml, merge
+from dprec.config import from_dict, load_yaml, merge, to_dict
 from dprec.data.dataset import load_dataset
 from dprec.features.modalities import load_features
 from dprec.models import MODELS
@@ -94,9 +97,13 @@ def train_once(
         },
     }
     digest = config_hash(identity)
+    resolved = json.loads(json.dumps(to_dict(cfg.model_config()), default=str))
     path = None if results is None else results / f"{model['name']}-{digest}-s{seed}.json"
     if path is not None and path.is_file():
-        return json.loads(path.read_text())
+        cached = json.loads(path.read_text())
+        if cached.get("model_resolved", resolved) == resolved:
+            return cached
+        print(f"{path.name}: the model's defaults changed since this run; training it again", flush=True)
     t0 = time.perf_counter()
     trainer = Trainer(cfg, ds, features=features)
     result = trainer.fit(log=lambda line: None)
@@ -104,6 +111,7 @@ def train_once(
     out = {
         "config": identity,
         "config_hash": digest,
+        "model_resolved": resolved,
         "seed": seed,
         "valid": result["valid"],
         "test": result["test"],

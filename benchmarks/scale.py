@@ -20,6 +20,10 @@ memory: ``/proc/self/status`` VmHWM reset at the start of the phase (``/proc/sel
 thread sampling VmRSS, the larger of the two. The reset also resets getrusage's ``ru_maxrss``, so the
 process's peak so far is the largest of ``ru_maxrss`` read before each reset and the phases' peaks.
 
+DPRec runs with every part on (``dprec.models.dprec.EVERY_PART``: the expansion perspective and its kNN graphs,
+off by default since the sparse catalogues), the costliest configuration; ``--set model.use_expansion=false`` times
+the default.
+
 1. generate   the interactions, the split, the Dataset and the features
 2. build      the Trainer: training sets, the model with its graphs (the kNN graphs' share is shown)
 3. train      one training epoch (with ``--steps N``: N steps timed, the epoch extrapolated, and so marked)
@@ -306,6 +310,7 @@ def run(args: argparse.Namespace) -> tuple[list[Phase], dict]:
     from dprec.config import from_dict, merge, parse_overrides
     from dprec.data.dataset import SPLIT_TRAIN
     from dprec.graph.knn import clear_knn_cache
+    from dprec.models.dprec import EVERY_PART
     from dprec.training.config import RunConfig
     from dprec.training.loop import Trainer
 
@@ -330,7 +335,7 @@ def run(args: argparse.Namespace) -> tuple[list[Phase], dict]:
 
     section = {
         "dataset": "in-memory:electronics-scale",
-        "model": {"name": args.model},
+        "model": {"name": args.model, **(EVERY_PART if args.model == "dprec" else {})},
         "train": {"epochs": 1, "threads": args.threads, "seed": 1},
     }
     cfg = from_dict(RunConfig, merge(section, parse_overrides(args.set)), "scale")

@@ -40,6 +40,7 @@ from dprec.training.distributed import (
     DeepSpeedTrainer,
     RankFailure,
     agree,
+    close_process_group,
     init_distributed,
     wait_for_rank_zero,
 )
@@ -94,6 +95,7 @@ def train_reporting_once(args: argparse.Namespace) -> int:
             print(f"{PROG}: error: {exc}", file=sys.stderr, flush=True)
         try:
             wait_for_rank_zero()  # no rank exits (and gets the others killed) before rank 0 has printed
+            close_process_group()  # then leave with rc 2, not an abort in the teardown of a live group
         except RuntimeError:
             pass
         return 2

@@ -93,3 +93,43 @@ def test_the_accuracy_verdict_needs_a_margin_above_the_larger_std():
     line = module.verdict(close, "dprec")
     assert line.startswith("dprec does not beat") and "freedom +0.0015 (std 0.0020)" in line
     assert "| dprec | 0.2100 ± 0.0020" in module.table("sci", close, "dprec")
+
+
+def test_a_result_of_older_model_defaults_is_trained_again(experiments, tmp_path, monkeypatch):
+    """The hash covers what the grid spells; a changed default shows in the stored resolved config."""
+    import dataclasses
+
+    from dprec.models import lightgcn
+
+    data = save_dataset(generate(), tmp_path / "synthetic")
+    grid = {
+        "train": {"epochs": 1, "patience": 5, "graph_backend": "torch", "ks": [10, 20]},
+        "datasets": {"syn": {"dataset": str(data)}},
+        "models": {"lightgcn": {"name": "lightgcn"}},
+    }
+    path = tmp_path / "defaults.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    args = ["--grid", str(path), "--seeds", "1", "--threads", "1", "--no-mlflow"]
+    args += ["--results", str(tmp_path / "results"), "--out", str(tmp_path / "out")]
+    assert experiments.main(args) == 0
+    [file] = (tmp_path / "results" / "syn").glob("*.json")
+    first = json.loads(file.read_text())
+    assert first["model_resolved"]["n_layers"] == 2
+
+    trained = []
+    real = experiments.Trainer
+
+    def counting(*a, **k):
+        trained.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(experiments, "Trainer", counting)
+    assert experiments.main(args) == 0
+    assert trained == []  # same defaults: the file is the result
+    fields = {f.name: f for f in dataclasses.fields(lightgcn.LightGCNConfig)}
+    monkeypatch.setattr(fields["n_layers"], "default", 1)
+    monkeypatch.setattr(lightgcn.LightGCNConfig.__init__, "__defaults__", (64, 1, 1e-4))
+    assert experiments.main(args) == 0
+    assert trained == [1]
+    [again] = (tmp_path / "results" / "syn").glob("*.json")
+    assert again == file and json.loads(file.read_text())["model_resolved"]["n_layers"] == 1

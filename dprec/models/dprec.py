@@ -11,7 +11,13 @@ d the embedding size. ``DPRec.forward`` runs parts 1-6 in order; each part has a
                 G_m = (H H^T)^L H_id, H = [A_m(users) ; A_m(items)].  Alignment (InfoNCE, in-batch): node
                 (G_m under modality a vs b), hyperedge (H^T x under a vs b), behaviour (H_mm vs H_id)
 6. Prediction   e = H_id + beta * H_mm + alpha * normalise(sum_m G_m);  score(u, i) = <e_u, e_i>
-7. Loss         BPR + lambda_align * (node + hyperedge + behaviour) + lambda_reg * L2(batch's ID embeddings)
+7. Loss         BPR + lambda_align * (node + hyperedge) + lambda_behaviour * behaviour + lambda_reg * L2(ID emb.)
+                (lambda_behaviour = lambda_align unless set)
+
+Changed from §3 by the sparse catalogues (docs/design-notes.md#what-the-sparse-catalogues-changed): the expansion
+perspective is off by default (``use_expansion``: it smoothed the content a second time and lowered validation on
+Scientific and Instruments), H_id's LightGCN runs on FREEDOM's degree-sensitively pruned graph in training
+(``ui_dropout`` 0.5: the ID view over-fitted the few interactions); every part keeps its switch, and ``purified_ids`` (MGCN's item-item view of the IDs) and ``expand_ids`` are the ID-side expansions.
 
 One modality switches the cross-modal levels off, no features leave LightGCN on IDs (each logged once).
 Defaults, the choices where §3 is silent, and why: docs/design-notes.md#modelsdprec.
@@ -56,6 +62,9 @@ logger = logging.getLogger(__name__)
 Fusion = Literal["attention", "sum"]
 Assignment = Literal["gumbel", "soft"]
 ALIGN_LEVELS = ("node", "hyperedge", "behaviour")
+EVERY_PART: dict[str, object] = {"use_expansion": True}
+"""The switches that put back the parts that are off by default (every part of DESIGN §3 on): what the speed and
+scale benchmarks time, so their tables are the cost of the whole model, kNN graphs included."""
 
 
 @dataclass
@@ -68,7 +77,7 @@ class DPRecConfig:
     """Hidden width of the per-modality projection MLP (part 1)."""
     n_ui_layers: int = 2
     """LightGCN layers over the user-item graph for the ID embeddings H_id (part 2)."""
-    ui_dropout: float = 0.0
+    ui_dropout: float = 0.5
     """FREEDOM's denoising for H_id: in training, each epoch's LightGCN over Â runs on a degree-sensitively pruned
     graph keeping 1 - ui_dropout of the interactions (``freedom.DegreePruning``); evaluation uses the full Â.
     0 = the full graph always."""
@@ -112,7 +121,12 @@ class DPRecConfig:
     into groups of at most this many, each row's negatives the other rows of its group (``layers.info_nce``), so a
     large batch keeps the negatives of a batch of this size at a linear cost; 0 = the whole batch."""
     lambda_align: float = 0.01
-    """Weight of the sum of the alignment levels in the loss (part 7)."""
+    """Weight of the sum of the alignment levels in the loss (part 7); the behaviour level's unless
+    ``lambda_behaviour`` sets its own."""
+    lambda_behaviour: float | None = None
+    """Weight of the behaviour level alone (content vs IDs); None = lambda_align. The cross-modal levels pull two
+    modalities together and collapsed them at the weight that helped the behaviour level (Instruments at
+    lambda_align 0.1: best epoch 3), so the behaviour level can have its own."""
     lambda_reg: float = 1e-4
     """Weight of the L2 penalty on the batch's layer-0 ID embeddings (part 7)."""
     fusion: Fusion = "attention"
@@ -121,7 +135,7 @@ class DPRecConfig:
     """Modalities (feature views) to use, by name; None = every one given; [] = none (ID only)."""
     use_memory: bool = True
     """Memory perspective of the modalities, H_m^mem (part 2)."""
-    use_expansion: bool = True
+    use_expansion: bool = False
     """Expansion perspective of the modalities, H_m^exp (part 3)."""
     use_hypergraph: bool = True
     """Hypergraph embeddings G_m and their alpha term in the prediction (part 5)."""
@@ -152,6 +166,8 @@ class DPRecConfig:
         for name in ("hyperedge_tau", "align_tau"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.lambda_behaviour is not None and self.lambda_behaviour < 0:
+            raise ValueError(f"lambda_behaviour must be >= 0, got {self.lambda_behaviour}")
         if not 0 <= self.ui_dropout < 1:
             raise ValueError(f"ui_dropout must lie in [0, 1), got {self.ui_dropout}")
         if not 0 < self.keep_rate <= 1:
@@ -418,8 +434,15 @@ class DPRec(Recommender):
             )
         return losses
 
+    def align_weight(self, level: str) -> float:
+        """The loss weight of alignment ``level``: ``lambda_behaviour`` for the behaviour level where set, else
+        ``lambda_align``."""
+        if level == "behaviour" and self.cfg.lambda_behaviour is not None:
+            return self.cfg.lambda_behaviour
+        return self.cfg.lambda_align
+
     def calculate_loss(self, users: Tensor, pos: Tensor, neg: Tensor) -> tuple[Tensor, dict[str, float]]:
-        """Part 7: BPR + lambda_align * (sum of the active alignment levels) + lambda_reg * L2.
+        """Part 7: BPR + each active alignment level times its weight (``align_weight``) + lambda_reg * L2.
 
         The per-node parts run for the batch's nodes only (``forward(rows)``).
         """
@@ -430,7 +453,7 @@ class DPRec(Recommender):
         align = self.alignment_losses(emb, users, pos)
         ids = take_rows(self.user_emb, users), take_rows(self.item_emb, pos), take_rows(self.item_emb, neg)
         reg = self.cfg.lambda_reg * l2_reg(*ids)
-        loss = bpr + reg + self.cfg.lambda_align * sum(align.values())
+        loss = bpr + reg + sum(self.align_weight(level) * value for level, value in align.items())
         parts = {"bpr": float(bpr.detach()), "reg": float(reg.detach())}
         parts.update({f"align_{level}": float(value.detach()) for level, value in align.items()})
         return loss, parts

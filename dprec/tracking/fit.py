@@ -8,7 +8,7 @@ Order: fit, test metrics, then ``save(result)`` (the caller writes the run folde
 when that succeeded the model is registered: a run that could not leave its files never
 publishes a model. On a failure the run ends as ``FAILED`` (``KILLED`` when SIGTERM / SIGINT / SIGHUP
 stopped it, see :mod:`dprec.training.signals`) with the history so far, and the exception
-propagates. Opening the run, registering and closing it run under
+propagates. Opening the run, every metric write, registering and closing it run under
 :func:`~dprec.training.signals.deferred_signals`, so a signal cannot leave the run ``RUNNING``.
 """
 
@@ -25,6 +25,13 @@ from dprec.training.signals import deferred_signals
 def end_status(exc: BaseException) -> str:
     """The MLflow status of a run that ``exc`` ended: ``KILLED`` for an interruption, else ``FAILED``."""
     return "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+
+
+def log_epoch(tracker: RunTracker, row: dict[str, Any]) -> None:
+    """Log one epoch's row; a stop signal waits for the write (one cut inside an sqlite transaction leaves the
+    database locked for the ``KILLED`` status that follows)."""
+    with deferred_signals():
+        tracker.log_epoch(row, step=row["epoch"])
 
 
 def tracked_fit(
@@ -57,9 +64,10 @@ def tracked_fit(
                 feature_manifest=trainer.feature_manifests or None,
             )
         state.tracking_run_id = tracker.run_id
-        result = trainer.fit(state=state, observer=lambda row: tracker.log_epoch(row, step=row["epoch"]))
+        result = trainer.fit(state=state, observer=lambda row: log_epoch(tracker, row))
         history = result["history"]
-        tracker.log_test(result["test"], result["best_epoch"], valid=result["valid"])
+        with deferred_signals():
+            tracker.log_test(result["test"], result["best_epoch"], valid=result["valid"])
         result["tracking_run_id"] = tracker.run_id
         if save is not None:
             save(result)  # everything the run leaves is on disk before the model is published

@@ -124,6 +124,13 @@ def wait_for_rank_zero() -> None:
         dist.barrier()
 
 
+def close_process_group() -> None:
+    """Destroy the default process group if one is up: a rank that leaves with a live gloo group can abort in the
+    interpreter's teardown ("terminate called without an active exception", rc -6 instead of its own)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def deepspeed_safe_globals() -> list[Any]:
     """The non-tensor types DeepSpeed stores in its checkpoints, allowed for ``weights_only`` loading (plain data)."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler

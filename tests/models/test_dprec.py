@@ -31,8 +31,13 @@ def random_context(backend: str = "torch", views: tuple[str, ...] = ("text", "im
     return ModelContext(N_USERS, N_ITEMS, users, items, graph_backend=backend, features=features)
 
 
+EVERY_PART = {"use_expansion": True, "ui_dropout": 0.0, "lambda_align": 0.01}
+"""The switch tests start from every part on and the full graph (the defaults leave the expansion off and prune)."""
+
+
 def make_model(backend: str = "torch", views: tuple[str, ...] = ("text", "image"), seed: int = 0, **overrides) -> DPRec:
-    cfg = DPRecConfig(n_hyperedges=3, knn_k=4, projection_hidden=16, embedding_dim=8, **overrides)
+    small = {"n_hyperedges": 3, "knn_k": 4, "projection_hidden": 16, "embedding_dim": 8}
+    cfg = DPRecConfig(**{**small, **EVERY_PART, **overrides})
     torch.manual_seed(seed)
     return DPRec(cfg, random_context(backend, views))
 
@@ -320,3 +325,18 @@ def test_ui_dropout_prunes_the_id_graph_in_training_only_and_reproducibly() -> N
         assert not torch.allclose(model._id_memory({}), full._id_memory({}))
     with pytest.raises(ValueError, match="ui_dropout"):
         DPRecConfig(ui_dropout=1.0)
+
+
+def test_lambda_behaviour_weights_the_behaviour_level_alone() -> None:
+    """loss = bpr + reg + lambda_align * (node + hyperedge) + lambda_behaviour * behaviour; None = lambda_align."""
+    shared = make_model(lambda_align=0.01)
+    own = make_model(lambda_align=0.01, lambda_behaviour=0.3)
+    loss_shared, parts = train_loss(shared)
+    loss_own, parts_own = train_loss(own)
+    assert parts_own == parts  # the same model and batch: only the weighting differs
+    base = parts["bpr"] + parts["reg"] + 0.01 * (parts["align_node"] + parts["align_hyperedge"])
+    assert float(loss_shared) == pytest.approx(base + 0.01 * parts["align_behaviour"], rel=1e-5)
+    assert float(loss_own) == pytest.approx(base + 0.3 * parts["align_behaviour"], rel=1e-5)
+    assert parts["align_behaviour"] > 0.1  # an InfoNCE of random embeddings: the weight shows in the loss
+    with pytest.raises(ValueError, match="lambda_behaviour must be >= 0"):
+        DPRecConfig(lambda_behaviour=-0.1)
