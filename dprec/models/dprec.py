@@ -124,9 +124,9 @@ class DPRecConfig:
     """Weight of the sum of the alignment levels in the loss (part 7); the behaviour level's unless
     ``lambda_behaviour`` sets its own."""
     lambda_behaviour: float | None = None
-    """Weight of the behaviour level alone (content vs IDs); None = lambda_align. The cross-modal levels pull two
-    modalities together and collapsed them at the weight that helped the behaviour level (Instruments at
-    lambda_align 0.1: best epoch 3), so the behaviour level can have its own."""
+    """Weight of the behaviour level alone (content vs IDs); None = lambda_align. Tells the levels apart: on
+    Instruments the behaviour level at 0.1 with the cross-modal levels at 0.01 over-fitted as lambda_align 0.1 did
+    (docs/design-notes.md#what-the-sparse-catalogues-changed), where one view (Scientific) wanted 0.1."""
     lambda_reg: float = 1e-4
     """Weight of the L2 penalty on the batch's layer-0 ID embeddings (part 7)."""
     fusion: Fusion = "attention"
