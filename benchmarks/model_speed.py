@@ -11,7 +11,7 @@ training seconds per epoch, seconds of one full validation ranking and the peak 
 SmolLM2's width; ``--shape mmrec-baby``: MMRec's image 4,096-d (VGG) + text 384-d (MiniLM) on Amazon
 Baby, ``data/baby`` from ``python -m dprec.prepare mmrec ../shared/data/amazon-baby --out data/baby``):
 timings do not depend on the values, only the kNN neighbours do. DPRec runs with every part on
-(``dprec.models.dprec.EVERY_PART``, the expansion perspective's kNN graphs included), as in the tables measured before
+(``dprec.models.every_part``, the expansion perspective's kNN graphs included), as in the tables measured before
 those parts went off by default; ``--set model.use_expansion=false`` times the default.
 """
 
@@ -41,7 +41,7 @@ def run_one(
     from dprec.config import from_dict, merge, parse_overrides
     from dprec.data.dataset import load_dataset
     from dprec.features.modalities import load_features
-    from dprec.models.dprec import EVERY_PART
+    from dprec.models import every_part
     from dprec.training.config import RunConfig
     from dprec.training.loop import Trainer
 
@@ -51,8 +51,7 @@ def run_one(
     else:
         rng = np.random.default_rng(0)
         feats = {name: rng.standard_normal((ds.n_items, dim), dtype=np.float32) for name, dim in dims.items()}
-    model_section = {"name": model, **(EVERY_PART if model == "dprec" else {})}
-    base = {"dataset": dataset, "model": model_section, "train": {"epochs": epochs, "threads": threads, "seed": 1}}
+    base = {"dataset": dataset, "model": every_part(model), "train": {"epochs": epochs, "threads": threads, "seed": 1}}
     cfg = from_dict(RunConfig, merge(base, parse_overrides(list(overrides))), "speed")
     t0 = time.perf_counter()
     trainer = Trainer(cfg, ds, features=feats)

@@ -20,7 +20,7 @@ memory: ``/proc/self/status`` VmHWM reset at the start of the phase (``/proc/sel
 thread sampling VmRSS, the larger of the two. The reset also resets getrusage's ``ru_maxrss``, so the
 process's peak so far is the largest of ``ru_maxrss`` read before each reset and the phases' peaks.
 
-DPRec runs with every part on (``dprec.models.dprec.EVERY_PART``: the expansion perspective and its kNN graphs,
+DPRec runs with every part on (``dprec.models.every_part``: the expansion perspective and its kNN graphs,
 off by default since the sparse catalogues), the costliest configuration; ``--set model.use_expansion=false`` times
 the default.
 
@@ -310,7 +310,7 @@ def run(args: argparse.Namespace) -> tuple[list[Phase], dict]:
     from dprec.config import from_dict, merge, parse_overrides
     from dprec.data.dataset import SPLIT_TRAIN
     from dprec.graph.knn import clear_knn_cache
-    from dprec.models.dprec import EVERY_PART
+    from dprec.models import every_part
     from dprec.training.config import RunConfig
     from dprec.training.loop import Trainer
 
@@ -335,7 +335,7 @@ def run(args: argparse.Namespace) -> tuple[list[Phase], dict]:
 
     section = {
         "dataset": "in-memory:electronics-scale",
-        "model": {"name": args.model, **(EVERY_PART if args.model == "dprec" else {})},
+        "model": every_part(args.model),
         "train": {"epochs": 1, "threads": args.threads, "seed": 1},
     }
     cfg = from_dict(RunConfig, merge(section, parse_overrides(args.set)), "scale")

@@ -5,7 +5,7 @@ The contract every model follows is in ``dprec.models.base``; the building block
 """
 
 from dprec.models.base import ModelContext, Recommender
-from dprec.models.dprec import DPRec, DPRecConfig
+from dprec.models.dprec import EVERY_PART, DPRec, DPRecConfig
 from dprec.models.freedom import FREEDOM, FREEDOMConfig
 from dprec.models.lgmrec import LGMRec, LGMRecConfig
 from dprec.models.lightgcn import LightGCN, LightGCNConfig
@@ -21,8 +21,16 @@ MODELS: dict[str, tuple[type[Recommender], type]] = {
     "freedom": (FREEDOM, FREEDOMConfig),
 }
 
+
+def every_part(name: str) -> dict[str, object]:
+    """The model section of ``name`` with every part on (DPRec: ``dprec.EVERY_PART``; the others have no parts
+    off by default): what the speed and scale benchmarks time."""
+    return {"name": name, **(EVERY_PART if name == "dprec" else {})}
+
+
 __all__ = [
     "MODELS",
+    "every_part",
     "ModelContext",
     "Recommender",
     "DPRec",

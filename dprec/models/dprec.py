@@ -17,7 +17,8 @@ d the embedding size. ``DPRec.forward`` runs parts 1-6 in order; each part has a
 Changed from §3 by the sparse catalogues (docs/design-notes.md#what-the-sparse-catalogues-changed): the expansion
 perspective is off by default (``use_expansion``: it smoothed the content a second time and lowered validation on
 Scientific and Instruments), H_id's LightGCN runs on FREEDOM's degree-sensitively pruned graph in training
-(``ui_dropout`` 0.5: the ID view over-fitted the few interactions); every part keeps its switch, and ``purified_ids`` (MGCN's item-item view of the IDs) and ``expand_ids`` are the ID-side expansions.
+(``ui_dropout`` 0.5: the ID view over-fitted the few interactions); every part keeps its switch, and
+``purified_ids`` (MGCN's item-item view of the IDs) and ``expand_ids`` are the ID-side expansions.
 
 One modality switches the cross-modal levels off, no features leave LightGCN on IDs (each logged once).
 Defaults, the choices where §3 is silent, and why: docs/design-notes.md#modelsdprec.

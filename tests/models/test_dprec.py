@@ -12,7 +12,7 @@ import torch
 from dprec.config import ConfigError
 from dprec.graph import available_backends
 from dprec.models import ModelContext
-from dprec.models.dprec import DPRec, DPRecConfig
+from dprec.models.dprec import EVERY_PART, DPRec, DPRecConfig
 from dprec.models.layers import info_nce
 from dprec.models.lightgcn import LightGCN, LightGCNConfig
 from dprec.training.config import RunConfig
@@ -31,13 +31,13 @@ def random_context(backend: str = "torch", views: tuple[str, ...] = ("text", "im
     return ModelContext(N_USERS, N_ITEMS, users, items, graph_backend=backend, features=features)
 
 
-EVERY_PART = {"use_expansion": True, "ui_dropout": 0.0, "lambda_align": 0.01}
+SWITCH_BASE = {**EVERY_PART, "ui_dropout": 0.0}
 """The switch tests start from every part on and the full graph (the defaults leave the expansion off and prune)."""
 
 
 def make_model(backend: str = "torch", views: tuple[str, ...] = ("text", "image"), seed: int = 0, **overrides) -> DPRec:
     small = {"n_hyperedges": 3, "knn_k": 4, "projection_hidden": 16, "embedding_dim": 8}
-    cfg = DPRecConfig(**{**small, **EVERY_PART, **overrides})
+    cfg = DPRecConfig(**{**small, **SWITCH_BASE, **overrides})
     torch.manual_seed(seed)
     return DPRec(cfg, random_context(backend, views))
 
