@@ -10,6 +10,12 @@ Local commands (the same on a cluster head node; prepare runs on one machine)::
     python -m dprec.prepare table --interactions ratings.csv --user-col uid --item-col iid --time-col ts \\
         --items items.parquet --item-key iid --item-field title=name --item-field categories=genre,style --out data/x
     python -m dprec.prepare synthetic --out data/default                         # the embedded default
+    python -m dprec.prepare add-items --dataset data/default --items new_items.json --out data/default-v2
+    python -m dprec.prepare sequence ... --split cold-items --cold-share 0.2 --out data/scientific-cold   # new items
+
+``--split cold-items`` (any source) holds a seeded share of the items out of training: their interactions
+are the validation and test targets of the cold-start evaluation; ``add-items`` appends new items to a
+prepared catalogue, keeping every index it had (``dprec.data.catalogue``; docs/cold-start.md).
 
 Splits are described in ``dprec.data.splits``, the table mapping in ``dprec.data.readers.table``.
 Bad input is skipped and counted, or refused with an error naming ``path:line`` (``--strict``
@@ -40,7 +46,15 @@ from typing import Any
 import pandas as pd
 
 from dprec.config import ConfigError, add_arguments, args_dict, from_args, run_stage
-from dprec.data.dataset import Dataset, DatasetError, check_target, save_dataset, trainability_problems
+from dprec.data.catalogue import append_items, read_new_items
+from dprec.data.dataset import (
+    Dataset,
+    DatasetError,
+    check_target,
+    load_dataset,
+    save_dataset,
+    trainability_problems,
+)
 from dprec.data.readers import (
     BuildOptions,
     RawData,
@@ -53,7 +67,8 @@ from dprec.data.readers import (
     read_table_source,
 )
 from dprec.data.readers.table import TableSpec, preset_path
-from dprec.data.schema import SPLIT_NAMES
+from dprec.data.schema import COLD_META_KEY, SPLIT_NAMES
+from dprec.data.splits import held_out_items
 from dprec.io import TMP_PREFIX, log_to_console
 
 log = logging.getLogger(__name__)
@@ -132,6 +147,15 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("synthetic", help="the embedded seeded default dataset (dprec.data.synthetic)")
     for child in sub.choices.values():
         _common(child)
+
+    grow = sub.add_parser("add-items", help="a dataset folder with new items appended (dprec.data.catalogue)")
+    grow.add_argument("--dataset", type=Path, required=True, help="the dataset folder whose catalogue grows")
+    grow.add_argument(
+        "--items", type=Path, required=True, help='{"<item id>": {"title", ..., "image_path"}} JSON of the new items'
+    )
+    grow.add_argument("--out", type=Path, required=True, help="dataset folder to write (not --dataset itself)")
+    grow.add_argument("--overwrite", action="store_true", help="replace the dataset folder --out if it holds one")
+    add_arguments(grow, SkipLog)
     return parser
 
 
@@ -277,11 +301,21 @@ def read_source(
     return read_table_source(spec, args.root, skips)
 
 
+def grown_dataset(args: argparse.Namespace, skips: SkipLog) -> Dataset:
+    """``add-items``: the dataset ``--dataset`` with the items of ``--items`` appended (``--out`` checked first)."""
+    refuse_inputs(args.out, [args.items], [args.dataset])
+    check_target(args.out, bool(args.overwrite))
+    return append_items(load_dataset(args.dataset), read_new_items(args.items, skips), str(args.items))
+
+
 def prepare(args: argparse.Namespace) -> tuple[Dataset, SkipLog]:
     """Check ``--out``, then read, build and write the dataset that ``args`` describe."""
     skips = from_args(SkipLog, args)
-    options = from_args(BuildOptions, args)
     overwrite = bool(getattr(args, "overwrite", False))
+    if args.source == "add-items":
+        ds = grown_dataset(args, skips)
+        return _save(ds, args, overwrite), skips
+    options = from_args(BuildOptions, args)
     spec = table_spec(args, options.keep_cold_items) if args.source == "table" else None
     refuse_inputs(args.out, *declared_inputs(args, spec))
     check_target(args.out, overwrite)  # before reading: a refusal should not wait for a long read
@@ -290,13 +324,18 @@ def prepare(args: argparse.Namespace) -> tuple[Dataset, SkipLog]:
 
         seed = args_dict(BuildOptions, args).get("seed")
         spec = SyntheticSpec() if seed is None else SyntheticSpec(seed=seed)
-        ds = generate(spec, split=options.split or "random")
+        ds = generate(spec, split=options.split or "random", cold_share=options.cold_share)
     else:
         raw = read_source(args, options, skips, spec)
         if args.name:
             raw.name = args.name
         ds = build_dataset(raw, options, skips)
         refuse_inputs(args.out, [*raw.inputs, *_image_files(ds)], raw.source_folders)
+    return _save(ds, args, overwrite), skips
+
+
+def _save(ds: Dataset, args: argparse.Namespace, overwrite: bool) -> Dataset:
+    """Record the command line in ``ds.meta`` and write the dataset folder ``--out``."""
     ds.meta["prepare"] = {
         k: str(v) if isinstance(v, Path) else v
         for k, v in sorted(vars(args).items())
@@ -310,7 +349,24 @@ def prepare(args: argparse.Namespace) -> tuple[Dataset, SkipLog]:
         raise DatasetError(
             f"cannot write the dataset folder {args.out}: {where}{exc.strerror or exc}; nothing was changed there"
         ) from exc
-    return ds, skips
+    return ds
+
+
+def _cold_counts(ds: Dataset) -> dict[str, int]:
+    """Held-out items and their target interactions per split, of a cold-items split."""
+    held = held_out_items(ds.meta, ds.n_items)
+    items = ds.interactions["item_idx"]
+    return {
+        "valid_items": len(held.valid),
+        "test_items": len(held.test),
+        "valid_interactions": int(items.isin(held.valid).sum()),
+        "test_interactions": int(items.isin(held.test).sum()),
+    }
+
+
+def _added_now(ds: Dataset) -> bool:
+    """Was ``ds`` made by ``add-items`` (its summary then counts the items added)?"""
+    return bool(ds.meta.get("prepare", {}).get("source") == "add-items" and ds.meta.get("grown_from"))
 
 
 def summary(ds: Dataset, out: Path, seconds: float) -> dict[str, Any]:
@@ -324,6 +380,8 @@ def summary(ds: Dataset, out: Path, seconds: float) -> dict[str, Any]:
         "skipped": ds.meta.get("skipped", {}),
         "kcore_removed": ds.meta.get("kcore_removed_interactions", 0),
         "content_hash": ds.meta["content_hash"],
+        **({"cold_items": _cold_counts(ds)} if COLD_META_KEY in ds.meta else {}),
+        **({"added_items": ds.meta["grown_from"][-1]["added"]} if _added_now(ds) else {}),
         "warnings": trainability_problems(ds),
         "seconds": round(seconds, 2),
     }

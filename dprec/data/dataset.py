@@ -30,6 +30,7 @@ import pandas as pd
 
 from dprec.config import DPRecError
 from dprec.data.schema import (
+    COLD_META_KEY,
     INTERACTION_COLUMNS,
     INTERACTION_DTYPES,
     ITEM_COLUMNS,
@@ -65,6 +66,7 @@ __all__ = [
     "check_trainable",
     "content_hash",
     "items_hash",
+    "items_prefix_hash",
     "load_dataset",
     "make_dataset",
     "save_dataset",
@@ -234,6 +236,13 @@ def items_hash(ds: Dataset) -> str:
     """
     h = hashlib.sha256()
     _hash_items(h, ds.items)
+    return h.hexdigest()
+
+
+def items_prefix_hash(ds: Dataset, n_items: int) -> str:
+    """:func:`items_hash` of the catalogue's first ``n_items`` items (a grown catalogue's earlier self)."""
+    h = hashlib.sha256()
+    _hash_items(h, ds.items.iloc[:n_items])
     return h.hexdigest()
 
 
@@ -423,9 +432,16 @@ def check_trainable(ds: Dataset, max_k: int = MAX_EVAL_K) -> None:
     """Raise :class:`DatasetError` naming every reason ``ds`` cannot be trained and evaluated up to ``max_k``.
 
     For the trainer to call before the first epoch (with the largest of its ``ks``), so that a dataset
-    without validation or test interactions, or with fewer items than K, fails at once and says why.
+    without validation or test interactions, or with fewer items than K, fails at once and says why. A
+    cold-items split is refused too: the plain trainer would train on its held-out items; the cold-start
+    trainer (``dprec.training.cold``) trains on a view without them.
     """
     problems = trainability_problems(ds, max_k)
+    if COLD_META_KEY in ds.meta:
+        problems.append(
+            "it is a cold-items split, whose held-out items must stay out of training: train it in one process "
+            "with python -m dprec.train (dprec.training.cold trains on its warm items and ranks the held-out ones)"
+        )
     if problems:
         where = f"dataset {ds.name!r}" + (f" ({ds.folder})" if ds.folder is not None else "")
         raise DatasetError(f"{where} cannot be trained and evaluated: " + "; ".join(problems))

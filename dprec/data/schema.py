@@ -15,6 +15,8 @@ from __future__ import annotations
 SPLIT_TRAIN, SPLIT_VALID, SPLIT_TEST = 0, 1, 2
 SPLIT_LABELS = (SPLIT_TRAIN, SPLIT_VALID, SPLIT_TEST)
 SPLIT_NAMES = {SPLIT_TRAIN: "train", SPLIT_VALID: "valid", SPLIT_TEST: "test"}
+COLD_META_KEY = "cold_start"
+"""``dataset.json`` key of a cold-items split (:mod:`dprec.data.splits`): the items held out of training."""
 
 ITEM_TEXT_FIELDS = ("title", "brand", "categories", "description")
 ITEM_IMAGE_COLUMNS = ("image_path", "image_url", "image_bytes")

@@ -155,15 +155,25 @@ def _interactions(spec: SyntheticSpec, cat: np.ndarray, col: np.ndarray, rng: np
     return frame.sort_values(["user_idx", "timestamp"], kind="stable").reset_index(drop=True)
 
 
-def generate(spec: SyntheticSpec | None = None, split: str = "random") -> Dataset:
-    """Build the dataset (with its split) in memory; same spec, same dataset."""
-    from dprec.data.splits import assign_split
+def generate(spec: SyntheticSpec | None = None, split: str = "random", cold_share: float | None = None) -> Dataset:
+    """Build the dataset (with its split) in memory; same spec, same dataset. ``cold_share``: the share of items a
+    ``cold-items`` split holds out (default 20 %)."""
+    from dprec.data.splits import (
+        COLD_ITEMS,
+        COLD_META_KEY,
+        DEFAULT_COLD_SHARE,
+        assign_split,
+        choose_cold_items,
+        cold_split_meta,
+    )
 
     spec = spec or SyntheticSpec()
     rng = np.random.default_rng(spec.seed)
     items, cat, col = _items(spec, rng)
     inter = _interactions(spec, cat, col, rng)
-    inter["split"] = assign_split(inter, split, seed=spec.seed)
+    cold_share = DEFAULT_COLD_SHARE if cold_share is None else cold_share
+    held_out = choose_cold_items(inter["item_idx"].to_numpy(), spec.seed, cold_share) if split == COLD_ITEMS else None
+    inter["split"] = assign_split(inter, split, seed=spec.seed, held_out=held_out)
     users = pd.DataFrame({"user_idx": np.arange(spec.n_users), "user_id": [f"U{u:05d}" for u in range(spec.n_users)]})
     meta = {
         "source": "synthetic",
@@ -172,4 +182,6 @@ def generate(spec: SyntheticSpec | None = None, split: str = "random") -> Datase
         "spec": spec.__dict__,
         "hidden": {"category": cat.tolist(), "colour": col.tolist()},
     }
+    if held_out is not None:
+        meta[COLD_META_KEY] = cold_split_meta(held_out, spec.seed, cold_share)
     return make_dataset("default", inter, items, users, meta)

@@ -16,10 +16,18 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dprec.data.dataset import Dataset, DatasetError, load_dataset, make_dataset, save_dataset
+from dprec.data.dataset import (
+    Dataset,
+    DatasetError,
+    items_hash,
+    items_prefix_hash,
+    load_dataset,
+    make_dataset,
+    save_dataset,
+)
 from dprec.data.readers import BuildOptions, SkipLog, build_dataset, read_amazon, read_mmrec
 from dprec.data.readers.mmrec import align_to_user_sequence, read_user_sequence
-from dprec.data.splits import assign_split
+from dprec.data.splits import assign_split, held_out_items
 from dprec.prepare import main
 from tests.shared_data import shared
 
@@ -587,3 +595,77 @@ def test_folder_missing_a_column_is_refused_by_name(tmp_path):
     pd.read_parquet(tmp_path / "items.parquet").drop(columns="extra").to_parquet(tmp_path / "items.parquet")
     with pytest.raises(DatasetError, match=r"items.parquet: missing column\(s\) \['extra'\]"):
         load_dataset(tmp_path)
+
+
+# ---------------------------------------------------------------- cold-items split, every reader
+
+
+def _cold_source(source: str) -> list:
+    if source == "sequence":
+        root = shared("amazon-scientific")
+        return ["sequence", "--interactions", root / "Scientific.inter.json", "--items", root / "Scientific.item.json"]
+    if source == "table":
+        return ["table", "--preset", "ml-100k", "--root", shared("ml-100k")]
+    if source == "mmrec":
+        return ["mmrec", shared("amazon-baby")]
+    return ["synthetic"]
+
+
+@pytest.mark.parametrize("source", ["sequence", "table", "mmrec", "synthetic"])
+def test_cold_items_split_with_every_reader(source, tmp_path):
+    argv = [*_cold_source(source), "--split", "cold-items", "--seed", "3", "--out", tmp_path / "cold"]
+    summary, ds = prepared(argv)
+    held = held_out_items(ds.meta, ds.n_items)
+    assert ds.meta["split_rule" if source != "synthetic" else "split"] == "cold-items"
+    with_interactions = ds.interactions["item_idx"].nunique()
+    assert len(held.valid) + len(held.test) == round(0.2 * with_interactions)
+    assert len(held.valid) - len(held.test) in (0, 1)
+    inter = ds.interactions
+    assert not inter.loc[inter["split"] == 0, "item_idx"].isin(held.all).any()
+    for label, items in ((1, held.valid), (2, held.test)):
+        assert (inter.loc[inter["item_idx"].isin(items), "split"] == label).all()
+    assert summary["cold_items"] == {
+        "valid_items": len(held.valid),
+        "test_items": len(held.test),
+        "valid_interactions": int(inter["item_idx"].isin(held.valid).sum()),
+        "test_interactions": int(inter["item_idx"].isin(held.test).sum()),
+    }
+    again, _ = prepared([*argv[:-1], tmp_path / "again"])
+    assert again["content_hash"] == summary["content_hash"]  # seeded: the same split again
+
+
+# ---------------------------------------------------------------- add-items
+
+
+def test_add_items_appends_new_items_and_keeps_every_index(tmp_path):
+    _, base = prepared(["synthetic", "--out", tmp_path / "base"])
+    new = {
+        "NEW-1": {"title": "a red lamp", "categories": "Home,Lamps", "brand": "Lux", "colour": "red"},
+        "NEW-2": {"title": "a blue chair", "description": "oak", "image_path": "img/chair.png"},
+    }
+    (tmp_path / "new.json").write_text(json.dumps(new))
+    argv = ["add-items", "--dataset", tmp_path / "base", "--items", tmp_path / "new.json", "--out", tmp_path / "v2"]
+    summary, grown = prepared(argv)
+    assert summary["added_items"] == 2 and grown.n_items == base.n_items + 2
+    assert grown.items["item_id"].tolist()[-2:] == ["NEW-1", "NEW-2"]
+    assert grown.items["item_idx"].tolist() == list(range(grown.n_items))
+    pd.testing.assert_frame_equal(grown.items.iloc[: base.n_items], base.items)
+    pd.testing.assert_frame_equal(grown.interactions, base.interactions)
+    assert items_prefix_hash(grown, base.n_items) == items_hash(base) != items_hash(grown)
+    last = grown.items.iloc[-1]
+    assert last["description"] == "oak" and last["image_path"] == str((tmp_path / "img" / "chair.png").resolve())
+    assert json.loads(grown.items.iloc[-2]["extra"]) == {"colour": "red"}
+    assert grown.items.iloc[-2]["categories"] == "Home|Lamps"
+    record = grown.meta["grown_from"][-1]
+    assert record["n_items"] == base.n_items and record["content_hash"] == base.meta["content_hash"]
+    assert record["image_root"] == str(tmp_path.resolve())
+
+    (tmp_path / "again.json").write_text(json.dumps({base.items["item_id"].iloc[0]: {"title": "x"}}))
+    rc, _, err = run(
+        ["add-items", "--dataset", tmp_path / "base", "--items", tmp_path / "again.json", "--out", tmp_path / "v4"]
+    )
+    assert rc == 2 and f"item {base.items['item_id'].iloc[0]!r} is already in the catalogue" in err
+    rc, _, err = run(
+        ["add-items", "--dataset", tmp_path / "base", "--items", tmp_path / "new.json", "--out", tmp_path / "base"]
+    )
+    assert rc == 2 and "input folder" in err and (tmp_path / "base" / "dataset.json").is_file()

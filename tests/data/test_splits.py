@@ -7,7 +7,16 @@ import pandas as pd
 import pytest
 
 from dprec.data.dataset import DatasetError
-from dprec.data.splits import assign_split, chrono_split, holdout_sizes, random_split
+from dprec.data.schema import SPLIT_TEST, SPLIT_TRAIN, SPLIT_VALID
+from dprec.data.splits import (
+    assign_split,
+    choose_cold_items,
+    chrono_split,
+    cold_split_meta,
+    held_out_items,
+    holdout_sizes,
+    random_split,
+)
 
 
 def _frame(sizes: list[int]) -> pd.DataFrame:
@@ -91,3 +100,63 @@ def test_given_split_keeps_labels_and_needs_them():
         assign_split(frame.assign(split=[0, -1, 1]), "given")
     with pytest.raises(DatasetError, match="unknown split rule 'weird'"):
         assign_split(frame, "weird")
+
+
+# ---------------------------------------------------------------- cold-items
+
+
+def _grid_frame(n_users: int = 30, n_items: int = 20) -> pd.DataFrame:
+    """Every user has items u, u+1, ... u+9 (mod n_items): each item has interactions."""
+    users = np.repeat(np.arange(n_users), 10)
+    items = (users + np.tile(np.arange(10), n_users)) % n_items
+    return pd.DataFrame({"user_idx": users, "item_idx": items})
+
+
+def test_cold_items_split_holds_whole_items_out_half_valid_half_test():
+    frame = _grid_frame()
+    held = choose_cold_items(frame["item_idx"].to_numpy(), seed=5, share=0.2)
+    assert len(held.valid) == 2 and len(held.test) == 2  # round(0.2 * 20) = 4, half each
+    assert np.intersect1d(held.valid, held.test).size == 0
+    labels = assign_split(frame, "cold-items", seed=5, held_out=held)
+    items = frame["item_idx"].to_numpy()
+    assert (labels[np.isin(items, held.valid)] == SPLIT_VALID).all()
+    assert (labels[np.isin(items, held.test)] == SPLIT_TEST).all()
+    assert not np.isin(items[labels == SPLIT_TRAIN], held.all).any()  # a held-out item is never trained on
+    warm = ~np.isin(items, held.all)
+    expected = random_split(frame["user_idx"].to_numpy()[warm], items[warm], seed=5)
+    assert np.array_equal(labels[warm], expected)  # the warm interactions: the random rule among themselves
+    # the default share of the rule is the one prepare uses
+    assert np.array_equal(assign_split(frame, "cold-items", seed=5), labels)
+
+
+def test_cold_items_split_is_seeded_and_ignores_row_order():
+    frame = _grid_frame()
+    first = choose_cold_items(frame["item_idx"].to_numpy(), seed=1)
+    assert np.array_equal(first.valid, choose_cold_items(frame["item_idx"].to_numpy(), seed=1).valid)
+    other = choose_cold_items(frame["item_idx"].to_numpy(), seed=2)
+    assert not np.array_equal(first.all, other.all)
+    shuffled = frame.sample(frac=1.0, random_state=3).reset_index(drop=True)
+    labels = pd.Series(assign_split(frame, "cold-items", seed=1), index=pd.MultiIndex.from_frame(frame))
+    again = pd.Series(assign_split(shuffled, "cold-items", seed=1), index=pd.MultiIndex.from_frame(shuffled))
+    assert labels.sort_index().equals(again.sort_index())
+
+
+def test_cold_items_split_refuses_shares_that_hold_out_nothing_or_everything():
+    items = np.arange(20)
+    for share in (0.0, 1.0, -0.1):
+        with pytest.raises(DatasetError, match="cold_share must lie strictly between 0 and 1"):
+            choose_cold_items(items, seed=0, share=share)
+    with pytest.raises(DatasetError, match="at least 2 held-out items"):
+        choose_cold_items(np.arange(5), seed=0, share=0.2)  # round(1.0) = 1 item
+
+
+def test_held_out_items_are_read_back_from_the_meta_and_checked():
+    held = choose_cold_items(np.arange(20), seed=0, share=0.2)
+    meta = {"name": "x", "cold_start": cold_split_meta(held, 0, 0.2)}
+    back = held_out_items(meta, 20)
+    assert np.array_equal(back.valid, held.valid) and np.array_equal(back.test, held.test)
+    assert held_out_items({"name": "x"}, 20) is None
+    with pytest.raises(DatasetError, match=r"valid_items must be a non-empty list of item indices in 0\.\.9"):
+        held_out_items({"name": "x", "cold_start": {"valid_items": [10], "test_items": [1]}}, 10)
+    with pytest.raises(DatasetError, match="both a validation and a test item"):
+        held_out_items({"name": "x", "cold_start": {"valid_items": [1, 2], "test_items": [2]}}, 10)

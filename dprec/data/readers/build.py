@@ -25,7 +25,16 @@ from dprec.config import check_types
 from dprec.data.dataset import Dataset, DatasetError, make_dataset
 from dprec.data.readers.common import RawData, SkipLog, contains
 from dprec.data.schema import ITEM_COLUMNS
-from dprec.data.splits import DEFAULT_RATIOS, SplitRule, assign_split
+from dprec.data.splits import (
+    COLD_ITEMS,
+    COLD_META_KEY,
+    DEFAULT_COLD_SHARE,
+    DEFAULT_RATIOS,
+    SplitRule,
+    assign_split,
+    choose_cold_items,
+    cold_split_meta,
+)
 
 STRING_ITEM_FIELDS = tuple(c for c in ITEM_COLUMNS if c not in ("item_idx", "item_id", "image_bytes"))
 
@@ -44,11 +53,16 @@ class BuildOptions:
     """Keep catalogue items that have no interactions (content-only items)."""
     ratios: tuple[float, float, float] = field(default=DEFAULT_RATIOS, metadata={"cli": False})
     """Train, valid and test shares of each user's interactions."""
+    cold_share: float = DEFAULT_COLD_SHARE
+    """Split cold-items: the share of the items with interactions held out of training (half of them validation
+    items, half test items; see dprec.data.splits)."""
 
     def __post_init__(self) -> None:
         check_types(self)
         if self.kcore is not None and self.kcore < 1:
             raise DatasetError(f"kcore must be at least 1 (1 = no filtering), got {self.kcore}")
+        if not 0 < self.cold_share < 1:
+            raise DatasetError(f"cold_share must lie strictly between 0 and 1, got {self.cold_share}")
 
 
 def drop_duplicates(inter: pd.DataFrame, path: str, skips: SkipLog) -> pd.DataFrame:
@@ -177,7 +191,12 @@ def build_dataset(raw: RawData, options: BuildOptions, skips: SkipLog) -> Datase
             "split": inter["split"].to_numpy(np.int8),
         }
     )
-    frame["split"] = assign_split(frame, split, seed=options.seed, ratios=options.ratios)
+    held_out = (
+        choose_cold_items(frame["item_idx"].to_numpy(), options.seed, options.cold_share)
+        if split == COLD_ITEMS
+        else None
+    )
+    frame["split"] = assign_split(frame, split, seed=options.seed, ratios=options.ratios, held_out=held_out)
     frame = frame.sort_values(["user_idx", "item_idx"], kind="stable").reset_index(drop=True)
 
     meta: dict[str, Any] = {
@@ -193,6 +212,8 @@ def build_dataset(raw: RawData, options: BuildOptions, skips: SkipLog) -> Datase
         "skipped": skips.summary(),
         **raw.meta,
     }
+    if held_out is not None:
+        meta[COLD_META_KEY] = cold_split_meta(held_out, options.seed, options.cold_share)
     if "user_key" in inter and "item_key" in items:
         meta["source_ids_preserved_as_index"] = bool(
             _keys_are_index(items, "item_key") and _keys_are_index(_user_keys(inter, users), "user_key")
