@@ -13,7 +13,7 @@ a deterministic function of F on a machine and reloading a run reduces its featu
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -31,6 +31,13 @@ class Reduction:
     dim_out: int
     energy: float
     """Share of ||F||_F^2 kept by the r directions (1.0 when nothing was dropped)."""
+    basis: np.ndarray | None = field(default=None, compare=False, repr=False)
+    """V_r (d x r float32), so that rows not in F (new items) reduce the same way: x V_r; None = not reduced."""
+
+    def apply(self, matrix: np.ndarray) -> np.ndarray:
+        """Other rows of the same view reduced as F was (float32)."""
+        matrix = np.asarray(matrix, dtype=np.float32)
+        return matrix if self.basis is None else matrix @ self.basis
 
 
 def reduce_width(matrix: np.ndarray, rank: int) -> tuple[np.ndarray, Reduction]:
@@ -57,4 +64,4 @@ def reduce_width(matrix: np.ndarray, rank: int) -> tuple[np.ndarray, Reduction]:
     v = v * torch.where(sign == 0, 1.0, sign)
     kept = float(s[:r].double().pow(2).sum())
     energy = 1.0 if total == 0 else min(1.0, kept / total)
-    return (f @ v).numpy(), Reduction(d, r, energy)
+    return (f @ v).numpy(), Reduction(d, r, energy, basis=v.numpy())

@@ -99,6 +99,32 @@ def knn_neighbours(
     return torch.cat(rows), torch.cat(cols), torch.cat(sims)
 
 
+def knn_between(
+    queries: np.ndarray | Tensor,
+    keys: np.ndarray | Tensor,
+    k: int = 10,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    device: torch.device | str = "cpu",
+) -> tuple[Tensor, Tensor]:
+    """(sims, cols), each (n_queries x min(k, n_keys)) on the CPU: every query row's most cosine-similar key rows,
+    most similar first. Unlike :func:`knn_neighbours` nothing is dropped (the caller weighs the similarities), and
+    the two sets are apart (a new item's neighbours among the trained ones). Blocks of ``block_size`` queries."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    q, x = _unit_rows(queries, device), _unit_rows(keys, device)
+    if q.shape[1] != x.shape[1]:
+        raise ValueError(f"queries have {q.shape[1]} columns, keys {x.shape[1]}")
+    k = min(k, len(x))
+    sims, cols = [], []
+    for start in range(0, len(q), block_size):
+        values, neighbours = (q[start : start + block_size] @ x.T).topk(k, dim=1)
+        sims.append(values.cpu())
+        cols.append(neighbours.cpu())
+    if not sims:
+        return torch.empty(0, k, dtype=DTYPE), torch.empty(0, k, dtype=torch.int64)
+    return torch.cat(sims), torch.cat(cols)
+
+
 def _inv_sqrt_degree(rows: Tensor, weight: Tensor, n: int) -> Tensor:
     degree = torch.zeros(n, dtype=DTYPE).index_add_(0, rows, weight)
     return torch.where(degree > 0, degree.clamp(min=torch.finfo(DTYPE).tiny).rsqrt(), 0.0)

@@ -5,6 +5,7 @@ The contract every model follows is in ``dprec.models.base``; the building block
 """
 
 from dprec.models.base import ModelContext, Recommender
+from dprec.models.content_knn import ContentKNN, ContentKNNConfig
 from dprec.models.dprec import EVERY_PART, DPRec, DPRecConfig
 from dprec.models.freedom import FREEDOM, FREEDOMConfig
 from dprec.models.lgmrec import LGMRec, LGMRecConfig
@@ -19,6 +20,7 @@ MODELS: dict[str, tuple[type[Recommender], type]] = {
     "mgcn": (MGCN, MGCNConfig),
     "lgmrec": (LGMRec, LGMRecConfig),
     "freedom": (FREEDOM, FREEDOMConfig),
+    "content_knn": (ContentKNN, ContentKNNConfig),
 }
 
 
@@ -32,6 +34,8 @@ __all__ = [
     "MODELS",
     "every_part",
     "ModelContext",
+    "ContentKNN",
+    "ContentKNNConfig",
     "Recommender",
     "DPRec",
     "DPRecConfig",

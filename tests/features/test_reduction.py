@@ -103,3 +103,14 @@ def test_trainer_reduces_views_for_feature_models_only(tmp_path, caplog):
     assert trainer("lightgcn", 8).model is not None  # an ID model: nothing to reduce, nothing logged twice
     with pytest.raises((ConfigError, ValueError), match="feature_rank"):
         trainer("dprec", -1)
+
+
+def test_the_basis_reduces_rows_that_were_not_in_the_matrix():
+    rng = np.random.default_rng(7)
+    f = rng.standard_normal((60, 24)).astype(np.float32)
+    reduced, done = reduce_width(f[:50], 8)
+    assert done.basis.shape == (24, 8)
+    assert np.allclose(done.apply(f[:50]), reduced, atol=1e-5)  # the fitted rows reduce as reduce_width did
+    assert np.allclose(done.apply(f[50:]), f[50:] @ done.basis)  # new rows: the same projection
+    same, kept = reduce_width(f, 32)  # nothing to reduce: no basis, rows pass unchanged
+    assert kept.basis is None and np.array_equal(kept.apply(f[:3]), f[:3])

@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from dprec.graph import available_backends
-from dprec.graph.knn import build_item_knn_graph, cache_stats, clear_knn_cache, item_knn_edges, knn_neighbours
+from dprec.graph.knn import (
+    build_item_knn_graph,
+    cache_stats,
+    clear_knn_cache,
+    item_knn_edges,
+    knn_between,
+    knn_neighbours,
+)
 
 BACKENDS = [
     pytest.param("dgl", marks=pytest.mark.skipif("dgl" not in available_backends(), reason="DGL missing")),
@@ -109,3 +116,20 @@ def test_cache_returns_the_same_graph_for_the_same_features_only() -> None:
     assert cache_stats == {"hits": 1, "misses": 3}
     uncached = item_knn_edges(changed, k=4, cache=False)
     assert cache_stats["misses"] == 3 and not torch.equal(uncached[2], first[2])
+
+
+def test_knn_between_two_sets_matches_brute_force():
+    rng = np.random.default_rng(4)
+    queries, keys = rng.standard_normal((9, 6)).astype(np.float32), rng.standard_normal((15, 6)).astype(np.float32)
+    sims, cols = knn_between(queries, keys, k=4, block_size=2)  # blocks smaller than the query count
+    unit_q = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    unit_k = keys / np.linalg.norm(keys, axis=1, keepdims=True)
+    dense = unit_q @ unit_k.T
+    expected = np.argsort(-dense, axis=1)[:, :4]
+    assert np.array_equal(cols.numpy(), expected)
+    assert np.allclose(sims.numpy(), np.take_along_axis(dense, expected, 1), atol=1e-6)
+    assert (sims[:, :-1] >= sims[:, 1:]).all()  # most similar first, negatives kept
+    sims, cols = knn_between(queries, keys[:3], k=10)
+    assert cols.shape == (9, 3)  # k capped at the key count
+    with pytest.raises(ValueError, match="queries have 6 columns, keys 5"):
+        knn_between(queries, keys[:, :5])
