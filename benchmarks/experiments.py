@@ -4,7 +4,9 @@
 
 A grid file names datasets (a prepared dataset folder and its feature views) and models (a
 ``model:`` section, optionally with ``search:`` lists of hyper-parameter values; a ``train.<key>`` entry, e.g.
-``train.lr``, searches a train setting). For every
+``train.lr``, searches a train setting, a ``cold.<key>`` entry a cold-start setting). A grid's (or a model's)
+``cold:`` section is the run config's (``dprec.training.config.ColdStartConfig``): on a cold-items split the
+runs train on the warm items and validate on the held-out ones (``dprec.training.cold``). For every
 dataset and model (a model may also carry ``modalities_from:``, the feature views it gets, and
 ``train:``, its overrides of the grid's train section):
 
@@ -41,11 +43,12 @@ import numpy as np
 
 from dprec.config import from_dict, load_yaml, merge, to_dict
 from dprec.data.dataset import load_dataset
+from dprec.data.splits import held_out_items
 from dprec.features.modalities import load_features
 from dprec.models import MODELS
 from dprec.models.base import Recommender
+from dprec.training.cold import make_trainer
 from dprec.training.config import RunConfig
-from dprec.training.loop import Trainer
 
 METRICS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
 MODEL_DEFAULTED = tuple(Recommender.train_defaults)
@@ -57,14 +60,19 @@ def search_points(search: dict[str, list[Any]]) -> list[dict[str, Any]]:
     return [dict(zip(keys, values, strict=True)) for values in itertools.product(*(search[k] for k in keys))] or [{}]
 
 
-def split_point(model: dict, train: dict, point: dict[str, Any]) -> tuple[dict, dict]:
-    """The model and train sections of one search point: ``train.<key>`` values (``train.lr``) go to the train
-    section, the others to the model's."""
-    prefix = "train."
-    return (
-        {**model, **{k: v for k, v in point.items() if not k.startswith(prefix)}},
-        {**train, **{k[len(prefix) :]: v for k, v in point.items() if k.startswith(prefix)}},
-    )
+SECTIONS = ("train.", "cold.")
+"""Search keys with these prefixes go to the run config's train and cold sections; the others to the model's."""
+
+
+def split_point(model: dict, train: dict, point: dict[str, Any], cold: dict | None = None) -> tuple[dict, dict, dict]:
+    """The model, train and cold sections of one search point: ``train.<key>`` values (``train.lr``) go to the train
+    section, ``cold.<key>`` values to the cold section, the others to the model's."""
+    own = {k: v for k, v in point.items() if not k.startswith(SECTIONS)}
+
+    def section(prefix: str) -> dict:
+        return {k[len(prefix) :]: v for k, v in point.items() if k.startswith(prefix)}
+
+    return {**model, **own}, {**train, **section("train.")}, {**(cold or {}), **section("cold.")}
 
 
 def config_hash(config: dict) -> str:
@@ -81,11 +89,18 @@ def train_once(
     ds,
     feature_names: str = "",
     results: Path | None = None,
+    cold: dict | None = None,
 ) -> dict:
     """One training run, or its result file under ``results`` when that exists (None: nothing is cached)."""
     # the train settings a grid leaves open take the model's defaults (RunConfig): the identity records their values,
     # so a later change of a default is a new configuration, not a cached result of the old one
-    cfg = from_dict(RunConfig, {"dataset": dataset, "model": model, "train": {**train, "seed": seed}}, "experiment")
+    sections = {
+        "dataset": dataset,
+        "model": model,
+        "train": {**train, "seed": seed},
+        **({"cold": cold} if cold else {}),
+    }
+    cfg = from_dict(RunConfig, sections, "experiment")
     identity = {
         "dataset": dataset,
         "dataset_hash": ds.meta.get("content_hash", ""),
@@ -95,6 +110,7 @@ def train_once(
             **{key: getattr(cfg.train, key) for key in MODEL_DEFAULTED},
             **{k: v for k, v in train.items() if k != "threads"},
         },
+        **({"cold": cold} if cold else {}),  # only where given: the hashes of the runs without it stay
     }
     digest = config_hash(identity)
     resolved = json.loads(json.dumps(to_dict(cfg.model_config()), default=str))
@@ -105,7 +121,7 @@ def train_once(
             return cached
         print(f"{path.name}: the model's defaults changed since this run; training it again", flush=True)
     t0 = time.perf_counter()
-    trainer = Trainer(cfg, ds, features=features)
+    trainer = make_trainer(cfg, ds, features=features)
     result = trainer.fit(log=lambda line: None)
     epochs = [row["train_seconds"] for row in result["history"] if "train_seconds" in row]
     out = {
@@ -129,7 +145,15 @@ def train_once(
 
 
 def run_model(
-    name: str, spec: dict, data: dict, train: dict, seeds: list[int], ds, features, results: Path | None = None
+    name: str,
+    spec: dict,
+    data: dict,
+    train: dict,
+    seeds: list[int],
+    ds,
+    features,
+    results: Path | None = None,
+    cold: dict | None = None,
 ) -> dict:
     """Select the search point on validation with the first seed, then train the kept point with every seed.
 
@@ -137,14 +161,16 @@ def run_model(
     views to give the model) and ``train:`` (this model's overrides of the grid's train section, e.g.
     MGCN's learning-rate decay). The first seed's run of the kept point is the search run itself.
     """
-    model = {k: v for k, v in spec.items() if k not in ("search", "train")}
+    model = {k: v for k, v in spec.items() if k not in ("search", "train", "cold")}
     train = {**train, **spec.get("train", {})}
+    cold = {**(cold or {}), **spec.get("cold", {})}
     views = model.pop("modalities_from", None)
     feats = {k: v for k, v in features.items() if views is None or k in views}
     names = ",".join(f"{k}={data['features'][k]}" for k in sorted(feats))
     trials = []
     for point in search_points(spec.get("search", {})):
-        r = train_once(data["dataset"], feats, *split_point(model, train, point), seeds[0], ds, names, results)
+        m, t, c = split_point(model, train, point, cold)
+        r = train_once(data["dataset"], feats, m, t, seeds[0], ds, names, results, c)
         trials.append((r["valid"]["recall@20"], point, r))
         print(
             f"    {name} {point or '(defaults)'}: valid R@20 {r['valid']['recall@20']:.4f} "
@@ -152,9 +178,9 @@ def run_model(
             flush=True,
         )
     _, best_point, first = max(trials, key=lambda t: t[0])
-    best_model, best_train = split_point(model, train, best_point)
+    best_model, best_train, best_cold = split_point(model, train, best_point, cold)
     runs = [first] + [
-        train_once(data["dataset"], feats, best_model, best_train, s, ds, names, results) for s in seeds[1:]
+        train_once(data["dataset"], feats, best_model, best_train, s, ds, names, results, best_cold) for s in seeds[1:]
     ]
     test = {m: [r["test"][m] for r in runs] for m in METRICS}
     summary = {m: (float(np.mean(v)), float(np.std(v))) for m, v in test.items()}
@@ -224,8 +250,12 @@ def main(argv: list[str] | None = None) -> int:
             continue
         ds = load_dataset(data["dataset"])
         chosen = {m: spec for m, spec in grid["models"].items() if not args.only or m in args.only}
-        # ID-only models (LightGCN) run before the features exist; the others need them loaded
-        wanted = data.get("features") and any(MODELS[spec["name"]][0].uses_features for spec in chosen.values())
+        # ID-only models (LightGCN) run before the features exist; the others need them loaded, and so does every
+        # model on a cold-items split (its held-out items are embedded from their content)
+        cold_split = held_out_items(ds.meta, ds.n_items) is not None
+        wanted = data.get("features") and (
+            cold_split or any(MODELS[spec["name"]][0].uses_features for spec in chosen.values())
+        )
         features, _ = load_features(data["features"], ds) if wanted else ({}, {})
         print(f"== {dname}: {ds.n_users} users, {ds.n_items} items, views {sorted(features)}", flush=True)
         rows = []
@@ -240,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
                     ds,
                     features,
                     folder / dname,
+                    grid.get("cold"),
                 )
             )
         results[dname] = rows

@@ -2,11 +2,18 @@
 
     python -m dprec.register register --bundle <bundle folder> [--run-id RUN] [--unknown-user popularity]
     python -m dprec.register settle --name dprec-default
+    python -m dprec.register add-items --run runs/default/dprec --dataset data/default-v2
 
 ``register`` logs a folder written by :func:`dprec.tracking.registry.export_bundle` as a pyfunc
 (into ``--run-id``, else a new run) and registers it as ``dprec-<dataset>``; ``settle``
 recomputes ``@champion`` / ``@challenger`` from the versions' tags, e.g. after tagging a
-version ``champion_eligible=false`` (a rollback). The store is ``$MLFLOW_TRACKING_URI``, else
+version ``champion_eligible=false`` (a rollback). ``add-items`` serves a trained run's weights
+with a grown catalogue, no training: ``--dataset`` is the run's dataset with items appended
+(``python -m dprec.prepare add-items``) whose features were extracted into the run's feature
+folders (only the new items' shards are written); the new items are embedded from their content
+(``dprec.training.cold.grown_catalogue``, the run's ``cold`` settings) and the new version
+supersedes the versions of the same weights (``registry.supersede``), so ``@champion`` moves to
+it exactly when it was on them (docs/cold-start.md). The store is ``$MLFLOW_TRACKING_URI``, else
 ``sqlite:///$PWD/mlflow.db``. Prints one JSON object.
 
 The user's own mistakes are one ``register: error: ...`` line and exit code 2, never a traceback:
@@ -21,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import tempfile
 from pathlib import Path
 
 from mlflow.exceptions import MlflowException
@@ -31,6 +39,7 @@ from dprec.io import log_to_console
 from dprec.tracking.registry import (
     UNKNOWN_USER_POLICIES,
     cut,
+    export_bundle,
     log_and_register,
     registry_lock,
     settle_aliases,
@@ -39,6 +48,28 @@ from dprec.tracking.registry import (
 from dprec.tracking.store import require_store, tracking_uri
 
 logger = logging.getLogger(__name__)
+
+
+def add_items(run: Path, dataset: Path, unknown_user: str, uri: str) -> int:
+    """Register the weights of ``run`` with the grown catalogue ``dataset`` (see the module docstring)."""
+    from dprec.data.dataset import load_dataset
+    from dprec.training.cold import grown_catalogue
+    from dprec.training.run import load_run, run_result
+
+    trainer = load_run(run)
+    result = run_result(run)
+    grown = load_dataset(dataset)
+    trained = grown_catalogue(trainer, grown)
+    weights_of = result.get("tracking_run_id") or f"run-folder:{run.resolve()}"
+    with tempfile.TemporaryDirectory(prefix="dprec-bundle-") as tmp:
+        bundle = export_bundle(trained, result, tmp)
+        try:
+            registration = log_and_register(bundle, unknown_user=unknown_user, uri=uri, weights_of=weights_of)
+        except MlflowException as exc:
+            raise ConfigError(f"MLflow ({uri}): {cut(exc.message)}") from exc
+    added = grown.n_items - getattr(trainer, "full", trainer.ds).n_items
+    print(json.dumps({**registration.__dict__, "items": grown.n_items, "added": added}))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,6 +84,12 @@ def main(argv: list[str] | None = None) -> int:
         default="error",
         help="answer for users the model has not seen: an HTTP 400 error or the popularity list",
     )
+    grow = sub.add_parser("add-items", help="register a run's weights again with the new items of a grown catalogue")
+    grow.add_argument("--run", required=True, type=Path, help="run folder written by python -m dprec.train")
+    grow.add_argument(
+        "--dataset", required=True, type=Path, help="the run's dataset with items added (prepare add-items)"
+    )
+    grow.add_argument("--unknown-user", choices=UNKNOWN_USER_POLICIES, default="error", help="as for register")
     settle = sub.add_parser("settle", help="recompute @champion / @challenger of a registered model")
     settle.add_argument("--name", required=True, help="registered model name, e.g. dprec-default")
     args = parser.parse_args(argv)
@@ -69,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"MLflow ({uri}): {cut(exc.message)}") from exc
             print(json.dumps(result.__dict__))
             return 0
+        if args.command == "add-items":
+            return add_items(args.run, args.dataset, args.unknown_user, uri)
         require_store(uri)
         client = MlflowClient(uri)
         try:

@@ -24,8 +24,8 @@ from pathlib import Path
 from dprec.config import run_stage
 from dprec.io import log_to_console
 from dprec.tracking.fit import tracked_fit
+from dprec.training.cold import make_trainer
 from dprec.training.config import load_config
-from dprec.training.loop import Trainer
 from dprec.training.run import new_run_folder, save_run
 from dprec.training.signals import Interrupted, stop_on_signals
 
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         cfg = load_config(args.config, args.set)
         with new_run_folder(cfg.out) as out:  # an unwritable run folder fails now, not after the fit
-            trainer = Trainer(cfg)
+            trainer = make_trainer(cfg)  # a cold-items split trains on its warm items (dprec.training.cold)
             # the run folder is written before the model is registered: a run without its files never publishes
             result = tracked_fit(
                 trainer, register=not args.no_register, save=lambda result: save_run(trainer, result, out)

@@ -51,7 +51,7 @@ def test_a_rerun_trains_nothing_and_rebuilds_the_summary(experiments, tmp_path, 
     def no_training(*a, **k):
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr(experiments, "Trainer", no_training)
+    monkeypatch.setattr(experiments, "make_trainer", no_training)
     (tmp_path / "results" / "syn.summary.json").unlink()
     assert experiments.main(args) == 0
     assert json.loads((tmp_path / "results" / "syn.summary.json").read_text()) == summary
@@ -117,13 +117,13 @@ def test_a_result_of_older_model_defaults_is_trained_again(experiments, tmp_path
     assert first["model_resolved"]["n_layers"] == 2
 
     trained = []
-    real = experiments.Trainer
+    real = experiments.make_trainer
 
     def counting(*a, **k):
         trained.append(1)
         return real(*a, **k)
 
-    monkeypatch.setattr(experiments, "Trainer", counting)
+    monkeypatch.setattr(experiments, "make_trainer", counting)
     assert experiments.main(args) == 0
     assert trained == []  # same defaults: the file is the result
     fields = {f.name: f for f in dataclasses.fields(lightgcn.LightGCNConfig)}
@@ -133,3 +133,46 @@ def test_a_result_of_older_model_defaults_is_trained_again(experiments, tmp_path
     assert trained == [1]
     [again] = (tmp_path / "results" / "syn").glob("*.json")
     assert again == file and json.loads(file.read_text())["model_resolved"]["n_layers"] == 1
+
+
+def test_a_cold_items_grid_validates_on_held_out_items_and_searches_cold_settings(experiments, tmp_path):
+    """A grid on a cold-items split trains on the warm items; ``cold.<key>`` search points go to the cold section."""
+    import numpy as np
+
+    from dprec.features.config import MMRecImportConfig
+    from dprec.features.pipeline import import_mmrec
+
+    ds = generate(split="cold-items")
+    data = save_dataset(ds, tmp_path / "cold")
+    hidden = np.eye(8)[np.asarray(ds.meta["hidden"]["category"])]
+    np.save(
+        tmp_path / "text.npy",
+        (hidden + 0.3 * np.random.default_rng(0).standard_normal(hidden.shape)).astype(np.float32),
+    )
+    import_mmrec(MMRecImportConfig(dataset=str(data), out=str(tmp_path / "feat"), text_feat=str(tmp_path / "text.npy")))
+    grid = {
+        "train": {"epochs": 1, "patience": 5, "graph_backend": "torch", "ks": [10, 20]},
+        "cold": {"neighbours": 5},
+        "datasets": {"cold": {"dataset": str(data), "features": {"text": str(tmp_path / "feat")}}},
+        "models": {
+            "lightgcn": {"name": "lightgcn", "search": {"cold.own_content": [True, False]}},
+            "popularity": {"name": "popularity", "cold": {"embedding": "random"}},
+        },
+    }
+    path = tmp_path / "cold.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    args = ["--grid", str(path), "--seeds", "1", "--threads", "1", "--no-mlflow"]
+    args += ["--results", str(tmp_path / "results"), "--out", str(tmp_path / "out")]
+    assert experiments.main(args) == 0
+    runs = [json.loads(f.read_text()) for f in sorted((tmp_path / "results" / "cold").glob("*.json"))]
+    colds = sorted((r["config"]["model"]["name"], json.dumps(r["config"]["cold"], sort_keys=True)) for r in runs)
+    assert colds == [
+        ("lightgcn", '{"neighbours": 5, "own_content": false}'),
+        ("lightgcn", '{"neighbours": 5, "own_content": true}'),
+        ("popularity", '{"embedding": "random", "neighbours": 5}'),
+    ]
+    for r in runs:
+        assert r["test"]["recall@20"] == r["test"]["cold_recall@20"] and "warm_recall@20" in r["test"]
+        assert r["config"]["model"] == {"name": r["config"]["model"]["name"]}  # cold keys stay out of the model
+    popularity = next(r for r in runs if r["config"]["model"]["name"] == "popularity")
+    assert 0.3 < popularity["test"]["cold_recall@20"] < 0.7  # 40 held-out test items in a random order

@@ -45,12 +45,12 @@ import numpy as np
 import pyarrow as pa
 
 from dprec.config import DPRecError
-from dprec.data.dataset import Dataset, items_hash, load_dataset
+from dprec.data.dataset import Dataset, items_hash, items_prefix_hash, load_dataset
 from dprec.data.schema import ITEM_IMAGE_COLUMNS, ITEM_TEXT_FIELDS
 from dprec.features.config import MAX_IMAGE_BYTES, ExtractConfig, MMRecImportConfig
 from dprec.features.image import ImageEncoder, ResolvedImageModel, load_image, resolve_image_model
 from dprec.features.prompt import clean_field, extra_value_text
-from dprec.features.shards import FeatureSetWriter, folder_lock, shard_ranges
+from dprec.features.shards import FeatureSetWriter, ShardError, folder_lock, load_manifest, shard_ranges
 from dprec.features.text import ResolvedTextModel, TextEncoder, resolve_text_model
 from dprec.io import atomic_write_text, log_to_console, sha256_file
 
@@ -94,7 +94,12 @@ def check_extra_fields(dataset: Any, names: list[str]) -> dict[str, int]:
 
 
 def build_work_units(
-    dataset: Any, shards: list[int], items_per_shard: int, max_chars: int | None, extra_names: list[str] = ()
+    dataset: Any,
+    shards: list[int],
+    items_per_shard: int,
+    max_chars: int | None,
+    extra_names: list[str] = (),
+    ranges: list[tuple[int, int]] | None = None,
 ) -> list[pa.Table]:
     """One single-row Arrow table per shard to compute: the shard's items as list columns.
 
@@ -102,10 +107,11 @@ def build_work_units(
     ``extra`` attributes named in ``extra_names`` (shipped as one JSON list of objects); image paths are
     resolved against the dataset folder (kept relative when the folder was given relative, so
     that they resolve in a Ray job's working directory on every node). ``max_chars=None``: no
-    text modality, text fields are not shipped.
+    text modality, text fields are not shipped. ``ranges``: the shards' item ranges (default: those of a
+    catalogue that never grew).
     """
     items = dataset.items
-    ranges = shard_ranges(len(items), items_per_shard)
+    ranges = ranges if ranges is not None else shard_ranges(len(items), items_per_shard)
     units = []
     for shard in shards:
         first, stop = ranges[shard]
@@ -334,6 +340,33 @@ class _Collector:
 def dataset_spec(dataset: Any) -> dict[str, Any]:
     """What the features depend on: the item catalogue (by hash) and its size, not the interactions or split."""
     return {"name": dataset.name, "items_hash": items_hash(dataset), "n_items": dataset.n_items}
+
+
+def with_growth(spec: dict[str, Any], out: str | Path, dataset: Any) -> dict[str, Any]:
+    """``spec`` with the growth record of the catalogue whose features ``out`` already holds.
+
+    When ``out``'s manifest has the same spec but for a smaller catalogue whose items are this dataset's first
+    ones (same items hash), ``spec.dataset.grown_from`` records it: its shards stay as they are and the new items
+    get shards of their own (``shards.shard_ranges``). The same catalogue again keeps its recorded growth, so a
+    rerun resumes. Anything else is left to ``FeatureSetWriter`` (refused unless --overwrite).
+    """
+    try:
+        old = load_manifest(out)
+    except ShardError:
+        return spec  # the writer names what is wrong with it
+    if old is None or {k: v for k, v in old["spec"].items() if k != "dataset"} != {
+        k: v for k, v in spec.items() if k != "dataset"
+    }:
+        return spec
+    before, now = old["spec"]["dataset"], spec["dataset"]
+    if before.get("items_hash") == now["items_hash"] and before["n_items"] == now["n_items"]:
+        grown = before.get("grown_from")
+        return spec if grown is None else {**spec, "dataset": {**now, "grown_from": grown}}
+    n_before = before["n_items"]
+    if 0 < n_before < now["n_items"] and items_prefix_hash(dataset, n_before) == before.get("items_hash"):
+        earlier = {"n_items": n_before, "items_hash": before["items_hash"]}
+        return {**spec, "dataset": {**now, "grown_from": [*before.get("grown_from", []), earlier]}}
+    return spec
 
 
 def _spec(dataset: Any, cfg: ExtractConfig, text: ResolvedTextModel | None, image: ResolvedImageModel | None):
@@ -639,7 +672,8 @@ def image_roots(dataset: Any, folder: str | Path) -> list[str]:
     ``prepare`` stores image paths relative to the dataset folder, or absolute: under the table
     source's ``--root`` (recorded as ``source.root``) or from an image template (recorded in
     ``prepare.image_template`` or the table spec); the fixed directory part of an absolute template
-    counts as a root. Roots are returned as recorded (a relative dataset folder stays relative, so
+    counts as a root; so does the folder of each file items were added from (``grown_from``, by
+    ``prepare add-items``). Roots are returned as recorded (a relative dataset folder stays relative, so
     that it resolves in a Ray job's working directory as the image paths do).
     """
     roots = [str(folder)]
@@ -656,6 +690,8 @@ def image_roots(dataset: Any, folder: str | Path) -> list[str]:
             base = fixed if fixed.endswith(os.sep) else os.path.dirname(fixed)
             if os.path.isabs(base):
                 roots.append(base)
+    grown = meta.get("grown_from") if isinstance(meta.get("grown_from"), list) else []
+    roots += [g["image_root"] for g in grown if isinstance(g, dict) and isinstance(g.get("image_root"), str)]
     return list(dict.fromkeys(roots))
 
 
@@ -732,6 +768,7 @@ def run_extract(
             text = resolve_text_model(cfg.text, device) if cfg.text else None
             image = resolve_image_model(cfg.image, device) if cfg.image else None
             spec, provenance = _spec(dataset, cfg, text, image)
+            spec = with_growth(spec, cfg.out, dataset)
             roots = None
             if cfg.image is not None:
                 roots = None if cfg.image.allow_outside_paths else image_roots(dataset, dataset_folder)
@@ -767,7 +804,7 @@ def run_extract(
             )
             if pending:
                 max_chars = cfg.text.max_chars if cfg.text else None
-                units = build_work_units(dataset, pending, cfg.items_per_shard, max_chars, names)
+                units = build_work_units(dataset, pending, cfg.items_per_shard, max_chars, names, writer.ranges)
                 (_run_ray if cfg.executor == "ray" else _run_local)(cfg, units, text, image, collector, roots)
             check()
             manifest = writer.finish()
@@ -857,7 +894,7 @@ def write_precomputed(
     """Write the shards still missing of a feature set whose vectors are already known (``import-mmrec``,
     ``import-codes``): ``shard_vectors(first, stop)`` gives the items' vectors per modality and their flags."""
     with folder_lock(check_out_folder(out, dataset.folder)):
-        writer = FeatureSetWriter(out, spec, provenance, overwrite=overwrite)
+        writer = FeatureSetWriter(out, with_growth(spec, out, dataset), provenance, overwrite=overwrite)
         items = written = 0
         for shard in writer.pending():
             first, stop = writer.ranges[shard]

@@ -32,7 +32,7 @@ import logging
 import os
 import socket
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -91,9 +91,36 @@ def item_key(item_idx: int) -> str:
     return f"{item_idx:09d}"
 
 
-def shard_ranges(n_items: int, items_per_shard: int) -> list[tuple[int, int]]:
-    """[(first, last_exclusive)] per shard."""
-    return [(s, min(s + items_per_shard, n_items)) for s in range(0, n_items, items_per_shard)]
+def shard_ranges(n_items: int, items_per_shard: int, grown_from: Sequence[int] = ()) -> list[tuple[int, int]]:
+    """[(first, last_exclusive)] per shard: ``items_per_shard`` items at a time from item 0, and again from each
+    size the catalogue had when it grew (``grown_from``), so a grown catalogue keeps its earlier shards."""
+    bounds = [0, *sorted(g for g in grown_from if 0 < g < n_items), n_items]
+    return [
+        (s, min(s + items_per_shard, stop))
+        for start, stop in zip(bounds, bounds[1:], strict=False)
+        for s in range(start, stop, items_per_shard)
+    ]
+
+
+def growth_points(spec: dict[str, Any]) -> list[int]:
+    """The catalogue sizes a feature folder grew from (``spec.dataset.grown_from``; empty if it never grew)."""
+    return [int(g["n_items"]) for g in spec["dataset"].get("grown_from", [])]
+
+
+def spec_ranges(spec: dict[str, Any]) -> list[tuple[int, int]]:
+    """The shard ranges of a feature folder's ``spec``."""
+    return shard_ranges(spec["dataset"]["n_items"], spec["items_per_shard"], growth_points(spec))
+
+
+def extends(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """Is ``new`` the spec of a catalogue grown from ``old``'s (new items appended, everything else the same)?"""
+    rest_old = {k: v for k, v in old.items() if k != "dataset"}
+    rest_new = {k: v for k, v in new.items() if k != "dataset"}
+    earlier = {"n_items": old["dataset"]["n_items"], "items_hash": old["dataset"].get("items_hash")}
+    return rest_old == rest_new and new["dataset"].get("grown_from") == [
+        *old["dataset"].get("grown_from", []),
+        earlier,
+    ]
 
 
 def _npy_bytes(vector: np.ndarray) -> bytes:
@@ -136,6 +163,12 @@ def _manifest_problem(manifest: Any) -> str | None:
     n_items, per_shard = spec["dataset"].get("n_items"), spec.get("items_per_shard")
     if not (isinstance(n_items, int) and n_items >= 0 and isinstance(per_shard, int) and per_shard >= 1):
         return "spec.dataset.n_items and spec.items_per_shard must be integers"
+    grown = spec["dataset"].get("grown_from", [])
+    if not isinstance(grown, list) or not all(
+        isinstance(g, dict) and isinstance(g.get("n_items"), int) and isinstance(g.get("items_hash"), str)
+        for g in grown
+    ):
+        return "spec.dataset.grown_from must be a list of {n_items, items_hash}"
     if spec.get("store_dtype") not in ("float16", "float32"):
         return f"spec.store_dtype {spec.get('store_dtype')!r} is not float16 or float32"
     dims = manifest.get("dims")
@@ -234,16 +267,18 @@ class FeatureSetWriter:
 
     ``spec`` is everything that decides the numbers. An existing manifest with the same spec
     keeps the shards it lists whose files still match their sha256; one with another spec is
-    refused unless ``overwrite`` (then its shards and manifest are deleted first).
+    refused unless ``overwrite`` (then its shards and manifest are deleted first). A spec that
+    :func:`extends` the existing one (the catalogue grew: new items appended) keeps the existing
+    shards as they are; the new items get shards of their own (:func:`shard_ranges`).
     """
 
     def __init__(self, folder: str | Path, spec: dict[str, Any], provenance: dict[str, Any], overwrite: bool = False):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.spec = spec
-        self.ranges = shard_ranges(spec["dataset"]["n_items"], spec["items_per_shard"])
+        self.ranges = spec_ranges(spec)
         old = load_manifest(self.folder)
-        if old is not None and old["spec"] != spec:
+        if old is not None and old["spec"] != spec and not extends(old["spec"], spec):
             if not overwrite:
                 diff = _spec_diff(old["spec"], spec)
                 raise ShardError(
@@ -408,8 +443,9 @@ def read_features(folder: str | Path, dataset: Any = None, verify: bool = True) 
 
     Returns ``{"text": (n, d) float32, "text_missing": (n,) bool, "image": ..., "image_missing": ...,
     "item_id": (n,) str}`` for the modalities the folder has. ``dataset`` (a Dataset or a
-    dataset folder) is checked by content hash and item count. With ``verify`` every shard's
-    sha256 is checked against the manifest (a truncated or altered shard is refused).
+    dataset folder) is checked by content hash and item count; a dataset of a catalogue the folder
+    grew from (``spec.dataset.grown_from``) reads its own items, the first ones. With ``verify``
+    every shard's sha256 is checked against the manifest (a truncated or altered shard is refused).
     """
     folder = Path(folder)
     manifest = load_manifest(folder)
@@ -419,11 +455,15 @@ def read_features(folder: str | Path, dataset: Any = None, verify: bool = True) 
         raise ShardError(f"{folder / MANIFEST}: extraction is incomplete (interrupted?); rerun extract to finish it")
     spec = manifest["spec"]
     n_items = spec["dataset"]["n_items"]
+    n_read = n_items
     if dataset is not None:  # features depend on the items alone: any split of the same catalogue reads them
         got, got_items = _items_hash(dataset)
-        if got_items != n_items:
+        earlier = {(g.get("items_hash"), g.get("n_items")) for g in spec["dataset"].get("grown_from", [])}
+        if (got, got_items) in earlier:
+            n_read = got_items
+        elif got_items != n_items:
             raise ShardError(f"{folder / MANIFEST}: {n_items} items in the features, {got_items} in the dataset")
-        if got != spec["dataset"]["items_hash"]:
+        elif got != spec["dataset"]["items_hash"]:
             raise ShardError(
                 f"{folder / MANIFEST}: features were extracted from dataset items hash "
                 f"{spec['dataset']['items_hash'][:12]}..., this dataset's is {got[:12]}...; "
@@ -431,15 +471,17 @@ def read_features(folder: str | Path, dataset: Any = None, verify: bool = True) 
             )
     dims = {m: int(d) for m, d in manifest["dims"].items()}
     entries = sorted(manifest["shards"], key=lambda e: e["shard"])
-    ranges = shard_ranges(n_items, spec["items_per_shard"])
+    ranges = spec_ranges(spec)
     if [e["shard"] for e in entries] != list(range(len(ranges))):
         raise ShardError(
             f"{folder / MANIFEST}: lists shards {[e['shard'] for e in entries]}, expected 0..{len(ranges) - 1}"
         )
-    out = {m: np.zeros((n_items, d), np.float32) for m, d in dims.items()}
-    missing = {m: np.zeros(n_items, bool) for m in dims}
-    item_ids = np.empty(n_items, dtype=object)
+    out = {m: np.zeros((n_read, d), np.float32) for m, d in dims.items()}
+    missing = {m: np.zeros(n_read, bool) for m in dims}
+    item_ids = np.empty(n_read, dtype=object)
     for entry, (first, stop) in zip(entries, ranges, strict=True):
+        if first >= n_read:  # a grown catalogue's later items: not the dataset's
+            break
         name = entry["name"]
         if (entry["first_item"], entry["count"]) != (first, stop - first):
             raise ShardError(

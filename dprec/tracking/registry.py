@@ -6,7 +6,8 @@ of tensors, arrays and JSON (:func:`export_bundle`) + the model config ``unknown
 (``valid_recall_at_20``, ``test_*``, ``dataset_hash`` ...), set at creation. Champion rule:
 ``@champion`` is the eligible version (tag ``champion_eligible`` not ``false``) with the highest
 ``valid_recall_at_20``, ties to the earlier version; a new version that does not take it gets
-``@challenger``. Every registration recomputes the champion from all versions' tags, sets the
+``@challenger``. A version that serves a run's weights with a grown catalogue (``add-items``) supersedes
+the versions of the same weights (:func:`supersede`), so the champion moves to it exactly when it was on them. Every registration recomputes the champion from all versions' tags, sets the
 aliases, re-reads and repeats until stable, so concurrent registrations settle on the best
 version; a local sqlite store also takes a file lock. CLI: ``python -m dprec.register``.
 
@@ -63,6 +64,9 @@ BUNDLE_FILES = {
 }
 SELECTION_TAG = "valid_recall_at_20"
 ELIGIBLE_TAG = "champion_eligible"
+WEIGHTS_TAG = "weights_run_id"
+"""Tag of a version that serves another run's weights with a grown catalogue (``add-items``): that run's id."""
+SUPERSEDED_TAG = "superseded_by"
 CHAMPION, CHALLENGER = "champion", "challenger"
 UNKNOWN_USER_POLICIES = ("error", "popularity")  # as in serving.py, which must not import dprec
 SERVING_LIMITS = {  # as serving.DEFAULT_LIMITS (tests/reliability/test_serving_input.py checks they agree)
@@ -374,9 +378,17 @@ def registry_lock(uri: str) -> AbstractContextManager:
 
 
 def log_and_register(
-    bundle: str | Path, run_id: str | None = None, unknown_user: str = "error", uri: str | None = None
+    bundle: str | Path,
+    run_id: str | None = None,
+    unknown_user: str = "error",
+    uri: str | None = None,
+    weights_of: str | None = None,
 ) -> Registration:
-    """Log ``bundle`` as a pyfunc into ``run_id`` (a new run if None), register it and settle the aliases."""
+    """Log ``bundle`` as a pyfunc into ``run_id`` (a new run if None), register it and settle the aliases.
+
+    ``weights_of``: the training run whose weights the bundle serves with a grown catalogue (``add-items``): the
+    new version is tagged ``weights_run_id`` and supersedes the eligible versions of those weights
+    (:func:`supersede`) before the aliases settle."""
     if unknown_user not in UNKNOWN_USER_POLICIES:
         raise ConfigError(f"unknown_user must be one of {UNKNOWN_USER_POLICIES}, got {shown(unknown_user)}")
     bundle = Path(bundle)
@@ -396,9 +408,13 @@ def log_and_register(
             pip_requirements=serving_requirements(),
         )
         tags = version_tags(config, run)
+    if weights_of:
+        tags |= {WEIGHTS_TAG: weights_of, "catalogue_items": str(config["dataset"]["n_items"])}
     client = MlflowClient(uri)
     with registry_lock(uri):
         version = mlflow.register_model(info.model_uri, name, tags=tags).version
+        if weights_of:
+            supersede(client, name, weights_of, str(version))
         champion = settle_aliases(client, name, new_version=str(version))
     alias = CHAMPION if champion == str(version) else CHALLENGER
     return Registration(name, str(version), alias, champion, f"models:/{name}/{version}")
@@ -415,6 +431,23 @@ def register_model(
     with tempfile.TemporaryDirectory(prefix="dprec-bundle-") as tmp:
         bundle = export_bundle(trained, result, tmp)
         return log_and_register(bundle, run_id=run_id, unknown_user=unknown_user, uri=uri)
+
+
+def supersede(client: MlflowClient, name: str, weights_run_id: str, new_version: str) -> list[str]:
+    """Retire the eligible versions that serve the weights of ``weights_run_id`` (registered by that run, or by an
+    earlier ``add-items``) in favour of ``new_version``, the same weights with a larger catalogue: each is tagged
+    ``champion_eligible=false`` and ``superseded_by=<new_version>``. So ``@champion`` moves to the new version
+    exactly when it was on those weights; a rollback tags the new version ineligible and the old one eligible.
+    Returns the retired versions."""
+    retired = []
+    for version in client.search_model_versions(f"name='{name}'"):
+        tags = version.tags or {}
+        same = weights_run_id in (tags.get("run_id"), tags.get(WEIGHTS_TAG))
+        if str(version.version) != new_version and same and selection_score(version) is not None:
+            client.set_model_version_tag(name, version.version, ELIGIBLE_TAG, "false")
+            client.set_model_version_tag(name, version.version, SUPERSEDED_TAG, new_version)
+            retired.append(str(version.version))
+    return retired
 
 
 def selection_score(version: ModelVersion) -> float | None:

@@ -86,6 +86,38 @@ class TrainConfig:
             raise ValueError(f"train.ks must contain 20 (model selection uses Recall@20), got {self.ks}")
 
 
+ColdTarget = Literal["cold", "all", "warm"]
+
+
+@dataclass
+class ColdStartConfig:
+    """Cold-start evaluation and the embeddings of items a model never trained on (docs/cold-start.md).
+
+    Read on a dataset prepared with ``--split cold-items`` (the model trains on its warm items alone), and by
+    ``python -m dprec.register add-items`` (new items of a grown catalogue)."""
+
+    target: ColdTarget = "cold"
+    """What validation (model selection, early stopping) ranks on a cold-items split: ``cold`` the held-out items
+    of the split alone, ``all`` every item (held-out and warm targets together), ``warm`` the trained items and
+    their targets. The test split reports all three (``cold_*``, ``all_*``, ``warm_*``)."""
+    embedding: Literal["knn", "random"] = "knn"
+    """A new item's embedding: ``knn`` the similarity-weighted mean of the final embeddings of its ``neighbours``
+    most similar trained items (cosine of the features, mean over modalities), ``random`` a seeded random vector
+    with the trained items' per-dimension mean and spread (what an ID embedding without training is; for
+    popularity a random count, so the new items come in a random order)."""
+    neighbours: int = 20
+    """Trained items whose embeddings a new item's ``knn`` embedding averages."""
+    own_content: bool = True
+    """Add the model's own view of the item's content where it has one: content-kNN's item vector (which then
+    replaces the kNN mean), DPRec's projections (beta times the sum over modalities of the normalised projection,
+    centred by the trained items' mean). No effect on the other models."""
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        if self.neighbours < 1:
+            raise ValueError(f"cold.neighbours must be a positive integer, got {self.neighbours}")
+
+
 @dataclass
 class RunConfig:
     """A whole training run: which data, which model, how to train, where to write."""
@@ -100,6 +132,8 @@ class RunConfig:
     model: dict[str, Any] = field(default_factory=lambda: {"name": "lightgcn"})
     """``name`` picks the model (see dprec.models.MODELS, default lightgcn); other keys are its hyper-parameters."""
     train: TrainConfig = field(default_factory=TrainConfig)
+    cold: ColdStartConfig = field(default_factory=ColdStartConfig)
+    """Cold-start evaluation and new items' embeddings; read on a cold-items split (docs/cold-start.md)."""
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -129,6 +163,7 @@ class RunConfig:
             "features": dict(self.features),
             "model": dict(self.model),
             "train": to_dict(self.train),
+            "cold": to_dict(self.cold),
         }
 
 

@@ -25,6 +25,7 @@ import yaml
 
 from dprec.config import DPRecError
 from dprec.io import atomic_write_text, atomic_write_with
+from dprec.training.cold import make_trainer
 from dprec.training.config import load_config
 from dprec.training.loop import Trainer
 
@@ -96,6 +97,20 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def run_result(folder: str | Path) -> dict[str, Any]:
+    """A run folder's ``metrics.json``: the fit result (best epoch, valid and test metrics, MLflow run id)."""
+    path = Path(folder) / "metrics.json"
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise RunFolderError(f"{path}: cannot read ({exc.strerror or exc}); is {folder} a run folder?") from exc
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RunFolderError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(meta, dict):
+        raise RunFolderError(f"{path}: expected a JSON object")
+    return meta
+
+
 def load_run(folder: str | Path) -> Trainer:
     """A trainer with the best model of a saved run loaded (for evaluation: ``trainer.evaluate(split)``)."""
     folder = Path(folder)
@@ -107,13 +122,8 @@ def load_run(folder: str | Path) -> Trainer:
             f"{folder}: not a run folder, {', '.join(missing)} missing (written by python -m dprec.train)"
         )
     cfg = load_config(folder / "config.yaml")
-    try:
-        meta = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RunFolderError(f"{folder / 'metrics.json'}: not valid JSON ({exc})") from exc
-    if not isinstance(meta, dict):
-        raise RunFolderError(f"{folder / 'metrics.json'}: expected a JSON object")
-    trainer = Trainer(cfg)
+    meta = run_result(folder)
+    trainer = make_trainer(cfg)
     if meta.get("dataset_hash") != trainer.ds.meta.get("content_hash"):
         raise RunFolderError(f"{folder}: the dataset {cfg.dataset} changed since this run was trained")
     state = load_state_dict_file(folder / "model.pt")
