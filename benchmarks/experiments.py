@@ -51,6 +51,8 @@ from dprec.training.cold import make_trainer
 from dprec.training.config import RunConfig
 
 METRICS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
+TARGET_METRICS = tuple(f"{t}_{m}" for t in ("cold", "all", "warm") for m in ("recall@20", "ndcg@20"))
+"""What a cold-items run's test split also reports (dprec.training.cold): kept in the summary beside METRICS."""
 MODEL_DEFAULTED = tuple(Recommender.train_defaults)
 """Train settings whose default depends on the model (batch size, feature rank, learning rate)."""
 
@@ -182,9 +184,11 @@ def run_model(
     runs = [first] + [
         train_once(data["dataset"], feats, best_model, best_train, s, ds, names, results, best_cold) for s in seeds[1:]
     ]
-    test = {m: [r["test"][m] for r in runs] for m in METRICS}
+    reported = METRICS + tuple(m for m in TARGET_METRICS if all(m in r["test"] for r in runs))
+    test = {m: [r["test"][m] for r in runs] for m in reported}
     summary = {m: (float(np.mean(v)), float(np.std(v))) for m, v in test.items()}
-    print(f"  {name}: " + "  ".join(f"{m} {mu:.4f}±{sd:.4f}" for m, (mu, sd) in summary.items()), flush=True)
+    shown = {m: v for m, v in summary.items() if m in METRICS}
+    print(f"  {name}: " + "  ".join(f"{m} {mu:.4f}±{sd:.4f}" for m, (mu, sd) in shown.items()), flush=True)
     return {
         "model": name,
         "selected": best_point,
@@ -201,7 +205,7 @@ def summary_json(rows: list[dict]) -> dict:
     """The per-dataset summary: {model: {metric: {"mean", "std", "n"}, "features": ...}}."""
     out = {}
     for row in rows:
-        entry = {m: {"mean": row["summary"][m][0], "std": row["summary"][m][1], "n": len(row["runs"])} for m in METRICS}
+        entry = {m: {"mean": mean, "std": std, "n": len(row["runs"])} for m, (mean, std) in row["summary"].items()}
         out[row["model"]] = {
             **entry,
             "features": row["features"],

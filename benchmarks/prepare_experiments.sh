@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
 # Datasets and feature sets of the experiment grids (benchmarks/grids/*.yaml), from ../shared/data.
 #   bash benchmarks/prepare_experiments.sh [ml100k] [sports] [scientific] [instruments] [default] [scientific_llm]
-#       [sports_llm]   (default: all)
+#       [sports_llm] [cold]   (default: all)
 # Writes data/<name>/ and data_shards/<catalogue>/<feature-set>/; a rerun skips finished work
-# (complete shards are kept). Each catalogue's features serve all its splits (items hash).
+# (complete shards are kept). Each catalogue's features serve all its splits (items hash), the cold-items
+# splits of the cold-start grid (benchmarks/grids/cold-start.yaml) included.
+# THREADS (default 2) and EXECUTOR (ray or local, default ray) set the extraction's torch threads and executor.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SHARED=${DPREC_SHARED_DATA:-../shared/data}
 PY=${PYTHON:-.venv/bin/python}
 export HF_HUB_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0 MLFLOW_DISABLE_TELEMETRY=true
-EXTRACT=("$PY" -m dprec.extract --image-model none --text-actors 1 --cpus-per-actor 2 --torch-threads 2)
+THREADS=${THREADS:-2}
+EXTRACT=("$PY" -m dprec.extract --image-model none --text-actors 1 --cpus-per-actor "$THREADS" --torch-threads "$THREADS"
+  --executor "${EXECUTOR:-ray}")
 
 # one prompt per view; LLM prompts end PromptEOL-style so that the last token summarises the item
 LLM_A=$'This movie: "Title: {title}\nDescription: {description}" means in one word:"'
@@ -97,6 +101,25 @@ instruments() {
     --modality text_codes image_codes --store-dtype float16
 }
 
-for target in "${@:-ml100k sports scientific instruments default scientific_llm sports_llm}"; do
+# cold-items splits (20 % of the items held out of training, seed 0) of the three sparse catalogues with real content;
+# their features are the catalogues' own (the same items hash as the random and chrono splits)
+cold() {
+  scientific
+  [ -f data/scientific-cold/dataset.json ] || "$PY" -m dprec.prepare sequence \
+    --interactions "$SHARED/amazon-scientific/Scientific.inter.json" \
+    --items "$SHARED/amazon-scientific/Scientific.item.json" --out data/scientific-cold --split cold-items --seed 0
+  instruments
+  [ -f data/instruments-cold/dataset.json ] || "$PY" -m dprec.prepare sequence \
+    --interactions "$SHARED/amazon-instruments/Instruments.inter.json" \
+    --item-ids "$SHARED/amazon-instruments/Instruments.item2id" \
+    --user-ids "$SHARED/amazon-instruments/Instruments.user2id" --out data/instruments-cold --split cold-items --seed 0
+  [ -f data/sports-text-cold/dataset.json ] || "$PY" -m dprec.prepare mmrec "$SHARED/amazon-sports" \
+    --user-sequence "$SHARED/amazon-sports/user_sequence.txt" --item-text "$SHARED/amazon-sports/item_text.tsv" \
+    --item-keywords "$SHARED/amazon-sports/item_keywords.txt" --out data/sports-text-cold --split cold-items --seed 0
+  "${EXTRACT[@]}" --dataset data/sports-text-cold --out data_shards/sports-text/minilm --text-model minilm \
+    --items-per-shard 1024 --prompt-template "$ENC_ITEM"
+}
+
+for target in "${@:-ml100k sports scientific instruments default scientific_llm sports_llm cold}"; do
   for t in $target; do "$t"; done
 done

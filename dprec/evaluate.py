@@ -6,7 +6,9 @@
 (:mod:`dprec.training.run`; refused, in one ``evaluate: error: ...`` line and exit code 2, if it
 is missing, is not a run folder or its dataset changed since). Prints one JSON object:
 Recall@K, NDCG@K and Precision@K for the run's ``train.ks``, as defined in
-:mod:`dprec.training.metrics`.
+:mod:`dprec.training.metrics`. A run on a cold-items split (:mod:`dprec.training.cold`) ranks its
+held-out items from their content: ``valid`` gives the metrics of its ``cold.target``, ``test``
+those and every target's as ``cold_*``, ``all_*`` and ``warm_*`` (docs/cold-start.md).
 """
 
 from __future__ import annotations

@@ -174,5 +174,24 @@ def test_a_cold_items_grid_validates_on_held_out_items_and_searches_cold_setting
     for r in runs:
         assert r["test"]["recall@20"] == r["test"]["cold_recall@20"] and "warm_recall@20" in r["test"]
         assert r["config"]["model"] == {"name": r["config"]["model"]["name"]}  # cold keys stay out of the model
+    summary = json.loads((tmp_path / "results" / "cold.summary.json").read_text())
+    assert summary["lightgcn"]["cold_recall@20"]["n"] == 1 and "warm_ndcg@20" in summary["popularity"]
     popularity = next(r for r in runs if r["config"]["model"]["name"] == "popularity")
     assert 0.3 < popularity["test"]["cold_recall@20"] < 0.7  # 40 held-out test items in a random order
+
+
+def test_the_cold_start_verdict_needs_a_margin_above_the_larger_std():
+    spec = importlib.util.spec_from_file_location("bench_cold_table", SCRIPT.parent / "cold_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def entry(mean, std):
+        cell = {"mean": mean, "std": std, "n": 3}
+        return {key: cell for _, key in module.COLUMNS} | {"recall@20": cell, "features": "text=x", "selected": {}}
+
+    summary = {"dprec": entry(0.120, 0.004), "content_knn": entry(0.110, 0.0)}
+    assert module.margin_line(summary, "dprec", "content_knn").startswith("dprec beats content_knn")
+    summary["dprec"] = entry(0.113, 0.004)
+    line = module.margin_line(summary, "dprec", "content_knn")
+    assert line.startswith("dprec does not beat content_knn") and "+0.0030 (std 0.0040)" in line
+    assert "| content_knn | 0.1100 ± 0.0000" in module.table("sci", summary, "dprec", "content_knn")
