@@ -51,6 +51,7 @@ from dprec.models.layers import (
     projection,
     propagate_rounds,
     register_feature_buffers,
+    sampled_softmax_loss,
     select_features,
     take_rows,
     user_item_block,
@@ -62,6 +63,7 @@ logger = logging.getLogger(__name__)
 
 Fusion = Literal["attention", "sum"]
 Assignment = Literal["gumbel", "soft"]
+RecLoss = Literal["bpr", "softmax"]
 ALIGN_LEVELS = ("node", "hyperedge", "behaviour")
 EVERY_PART: dict[str, object] = {"use_expansion": True}
 """The switches that put back the parts that are off by default (every part of DESIGN §3 on): what the speed and
@@ -76,6 +78,9 @@ class DPRecConfig:
     """d: size of ID embeddings, projections and every node embedding."""
     projection_hidden: int = 256
     """Hidden width of the per-modality projection MLP (part 1)."""
+    feature_dropout: float = 0.0
+    """Dropout on the raw features F_m before the projection, in training (part 1): the projection of views that
+    nearly identify an item (one-hot codes) cannot learn a second free item embedding from them. 0 = off."""
     n_ui_layers: int = 2
     """LightGCN layers over the user-item graph for the ID embeddings H_id (part 2)."""
     ui_dropout: float = 0.5
@@ -130,6 +135,13 @@ class DPRecConfig:
     (docs/design-notes.md#what-the-sparse-catalogues-changed), where one view (Scientific) wanted 0.1."""
     lambda_reg: float = 1e-4
     """Weight of the L2 penalty on the batch's layer-0 ID embeddings (part 7)."""
+    rec_loss: RecLoss = "bpr"
+    """The ranking loss (part 7): "bpr" (each positive against its own sampled negative, score = dot product) or
+    "softmax": sampled softmax over cosine scores, each user's positive against every negative item the batch drew
+    (uniform, so no popularity correction), temperature ``softmax_tau``; the model then ranks by cosine (its final
+    embeddings are unit rows)."""
+    softmax_tau: float = 0.1
+    """Temperature of the sampled softmax (``rec_loss`` "softmax")."""
     fusion: Fusion = "attention"
     """How perspectives and modalities are combined (part 4): "attention" gates or a plain "sum"."""
     modalities: list[str] | None = None
@@ -164,11 +176,13 @@ class DPRecConfig:
         for name in ("n_ui_layers", "n_mm_layers", "alpha", "beta", "lambda_align", "lambda_reg", "align_group"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("hyperedge_tau", "align_tau"):
+        for name in ("hyperedge_tau", "align_tau", "softmax_tau"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.lambda_behaviour is not None and self.lambda_behaviour < 0:
             raise ValueError(f"lambda_behaviour must be >= 0, got {self.lambda_behaviour}")
+        if not 0 <= self.feature_dropout < 1:
+            raise ValueError(f"feature_dropout must lie in [0, 1), got {self.feature_dropout}")
         if not 0 <= self.ui_dropout < 1:
             raise ValueError(f"ui_dropout must lie in [0, 1), got {self.ui_dropout}")
         if not 0 < self.keep_rate <= 1:
@@ -297,6 +311,7 @@ class DPRec(Recommender):
             else None
         )
         self.incidence_dropout = nn.Dropout(1.0 - cfg.keep_rate)
+        self.feature_dropout = nn.Dropout(cfg.feature_dropout) if cfg.feature_dropout > 0 else nn.Identity()
 
     def forward(self, rows: Tensor | None = None) -> DPRecEmbeddings:
         """One full-graph pass through DESIGN.md §3, parts 1-6 in order (users first).
@@ -349,7 +364,7 @@ class DPRec(Recommender):
 
     def _projection(self, name: str) -> Tensor:
         """X_m = MLP_m(F_m), centred over items (docs/design-notes.md#modelsdprec: why centred)."""
-        x = self.projection[name](feature_buffer(self, name))
+        x = self.projection[name](self.feature_dropout(feature_buffer(self, name)))
         return x - x.mean(0, keepdim=True)
 
     def _memory(self, items: Tensor, rows: Tensor | None) -> Tensor:
@@ -397,6 +412,8 @@ class DPRec(Recommender):
 
     def final_embeddings(self) -> tuple[Tensor, Tensor]:
         e = self().e
+        if self.cfg.rec_loss == "softmax":  # trained on cosines: unit rows make the served dot product the cosine
+            e = F.normalize(e, dim=1)
         return e[: self.n_users], e[self.n_users :]
 
     def _cross_modal(self, per_modality: dict[str, Tensor], rows: list[Tensor | slice]) -> Tensor:
@@ -450,11 +467,15 @@ class DPRec(Recommender):
         users_at, pos_at, neg_at = users, self.n_users + pos, self.n_users + neg
         emb = self(torch.unique(torch.cat([users_at, pos_at, neg_at])))
         u, p, n = (take_rows(emb.e, emb.position(nodes)) for nodes in (users_at, pos_at, neg_at))
-        bpr = bpr_loss((u * p).sum(1), (u * n).sum(1))
+        if self.cfg.rec_loss == "softmax":
+            negatives = take_rows(emb.e, emb.position(torch.unique(neg_at)))
+            rank = sampled_softmax_loss(u, p, negatives, self.cfg.softmax_tau)
+        else:
+            rank = bpr_loss((u * p).sum(1), (u * n).sum(1))
         align = self.alignment_losses(emb, users, pos)
         ids = take_rows(self.user_emb, users), take_rows(self.item_emb, pos), take_rows(self.item_emb, neg)
         reg = self.cfg.lambda_reg * l2_reg(*ids)
-        loss = bpr + reg + sum(self.align_weight(level) * value for level, value in align.items())
-        parts = {"bpr": float(bpr.detach()), "reg": float(reg.detach())}
+        loss = rank + reg + sum(self.align_weight(level) * value for level, value in align.items())
+        parts = {self.cfg.rec_loss: float(rank.detach()), "reg": float(reg.detach())}
         parts.update({f"align_{level}": float(value.detach()) for level, value in align.items()})
         return loss, parts

@@ -13,7 +13,7 @@ from dprec.config import ConfigError
 from dprec.graph import available_backends
 from dprec.models import ModelContext
 from dprec.models.dprec import EVERY_PART, DPRec, DPRecConfig
-from dprec.models.layers import info_nce
+from dprec.models.layers import info_nce, sampled_softmax_loss
 from dprec.models.lightgcn import LightGCN, LightGCNConfig
 from dprec.training.config import RunConfig
 
@@ -144,6 +144,7 @@ def test_each_structural_switch_changes_the_output(overrides: dict) -> None:
         ({"align_tau": 0.5}, None),
         ({"lambda_align": 0.1}, None),
         ({"keep_rate": 1.0}, None),
+        ({"feature_dropout": 0.5}, None),
     ],
 )
 def test_each_training_switch_changes_the_loss(overrides: dict, part: str | None) -> None:
@@ -340,3 +341,57 @@ def test_lambda_behaviour_weights_the_behaviour_level_alone() -> None:
     assert parts["align_behaviour"] > 0.1  # an InfoNCE of random embeddings: the weight shows in the loss
     with pytest.raises(ValueError, match="lambda_behaviour must be >= 0"):
         DPRecConfig(lambda_behaviour=-0.1)
+
+
+def test_sampled_softmax_equals_hand_computation() -> None:
+    gen = torch.Generator().manual_seed(3)
+    u, p, n = (torch.randn(size, 6, generator=gen, dtype=torch.float64) for size in (5, 5, 7))
+    tau = 0.2
+    cos = torch.nn.functional.cosine_similarity
+    expected = 0.0
+    for row in range(5):
+        pos = cos(u[row], p[row], dim=0) / tau
+        negs = cos(u[row][None], n, dim=1) / tau
+        expected += (torch.logsumexp(torch.cat([pos[None], negs]), 0) - pos) / 5
+    assert float(sampled_softmax_loss(u, p, n, tau)) == pytest.approx(float(expected), rel=1e-10)
+
+
+def test_softmax_loss_ranks_by_cosine_and_differs_from_bpr() -> None:
+    bpr, softmax = make_model(), make_model(rec_loss="softmax", softmax_tau=0.2)
+    users, pos, neg = batch()
+    loss_bpr, parts_bpr = bpr.calculate_loss(users, pos, neg)
+    torch.manual_seed(5)  # the same Gumbel noise and incidence dropout for the loss and the check below
+    loss_softmax, parts_softmax = softmax.calculate_loss(users, pos, neg)
+    assert "bpr" in parts_bpr and "softmax" in parts_softmax and "bpr" not in parts_softmax
+    # the softmax part: the batch's rows against its distinct drawn negatives
+    torch.manual_seed(5)
+    with torch.no_grad():
+        emb = softmax(None)
+    u, p = emb.e[users], emb.e[softmax.n_users + pos]
+    negatives = emb.e[softmax.n_users + torch.unique(neg)]
+    assert parts_softmax["softmax"] == pytest.approx(float(sampled_softmax_loss(u, p, negatives, 0.2)), rel=1e-5)
+    assert float(loss_softmax) != pytest.approx(float(loss_bpr), rel=1e-3)
+    rows = eval_embeddings(softmax)
+    assert torch.allclose(rows.norm(dim=1), torch.ones(len(rows)), atol=1e-5)  # served dot product = cosine
+    assert not torch.allclose(eval_embeddings(bpr).norm(dim=1), torch.ones(len(rows)), atol=1e-3)
+
+
+def test_softmax_loss_learns_and_beats_popularity(fit_synthetic) -> None:
+    result = fit_synthetic({"name": "dprec", "rec_loss": "softmax"}, epochs=8)
+    assert result["test"]["recall@20"] > 0.25
+
+
+def test_feature_dropout_acts_in_training_only() -> None:
+    base, dropped = make_model(), make_model(feature_dropout=0.5)
+    dropped.load_state_dict(base.state_dict())
+    assert torch.equal(eval_embeddings(dropped), eval_embeddings(base))  # evaluation reads the whole features
+    dropped.train()
+    torch.manual_seed(0)
+    x = dropped._projection("text")
+    torch.manual_seed(0)
+    kept = torch.nn.functional.dropout(dropped.features_text, 0.5, training=True)
+    assert 0.3 < float((kept == 0).float().mean()) < 0.7
+    expected = dropped.projection["text"](kept)
+    assert torch.allclose(x, expected - expected.mean(0, keepdim=True), atol=1e-6)
+    whole = dropped.projection["text"](dropped.features_text)
+    assert not torch.allclose(x, whole - whole.mean(0, keepdim=True), atol=1e-3)
