@@ -9,7 +9,7 @@ import torch
 from dprec.config import ConfigError
 from dprec.data.dataset import DatasetError, save_dataset
 from dprec.data.synthetic import generate
-from dprec.training.cold import ColdStartTrainer, make_trainer, warm_view
+from dprec.training.cold import ColdStartTrainer, grown_catalogue, make_trainer, warm_view
 from dprec.training.config import ColdStartConfig, RunConfig, TrainConfig, load_config
 from dprec.training.loop import Trainer
 from dprec.training.metrics import DEFAULT_KS
@@ -182,3 +182,22 @@ def test_a_cold_run_folder_reloads_and_evaluates_the_same(cold, tmp_path):
     # no feature folders in this config: the reloaded run has no content for its held-out items, and says so
     with pytest.raises(ConfigError, match="cold.embedding 'knn' embeds the held-out items from their features"):
         load_run(tmp_path / "run")
+
+
+def test_held_out_items_with_training_interactions_are_refused(cold):
+    ds, _ = cold
+    meta = dict(ds.meta)
+    warm_item = int(
+        np.setdiff1d(np.arange(ds.n_items), meta["cold_start"]["valid_items"] + meta["cold_start"]["test_items"])[0]
+    )
+    meta["cold_start"] = {**meta["cold_start"], "valid_items": [*meta["cold_start"]["valid_items"], warm_item]}
+    tampered = type(ds)(ds.name, ds.interactions, ds.items, ds.users, meta)
+    with pytest.raises(DatasetError, match=f"held-out item {warm_item} has an interaction labelled 0"):
+        ColdStartTrainer(config({"name": "popularity"}, cold={"embedding": "random"}), tampered)
+
+
+def test_a_grown_catalogue_must_extend_the_runs(cold):
+    ds, features = cold
+    trainer = ColdStartTrainer(config({"name": "content_knn"}), ds, features=features)
+    with pytest.raises(DatasetError, match="does not extend the catalogue of the run"):
+        grown_catalogue(trainer, generate())  # the same 400 items: nothing added
