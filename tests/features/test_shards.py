@@ -17,10 +17,13 @@ from dprec.features.shards import (
     MANIFEST,
     FeatureSetWriter,
     ShardError,
+    extends,
     load_manifest,
     read_features,
     shard_bytes,
     shard_name,
+    shard_ranges,
+    spec_ranges,
     write_manifest,
 )
 
@@ -273,3 +276,16 @@ def test_shard_bytes_pure_function():
 def test_no_manifest_is_a_clear_error(tmp_path):
     with pytest.raises(ShardError, match=f"no {MANIFEST}; run `python -m dprec.extract`"):
         read_features(tmp_path)
+
+
+def test_a_grown_catalogue_starts_new_shards_where_the_old_one_ended():
+    assert shard_ranges(10, 4) == [(0, 4), (4, 8), (8, 10)]
+    assert shard_ranges(13, 4, grown_from=[10]) == [(0, 4), (4, 8), (8, 10), (10, 13)]  # the old shards unchanged
+    assert shard_ranges(20, 4, grown_from=[10, 13]) == [(0, 4), (4, 8), (8, 10), (10, 13), (13, 17), (17, 20)]
+    old = {"dataset": {"n_items": 10, "items_hash": "a"}, "items_per_shard": 4, "store_dtype": "float32"}
+    grown = {**old, "dataset": {"n_items": 13, "items_hash": "b", "grown_from": [{"n_items": 10, "items_hash": "a"}]}}
+    assert extends(old, grown) and spec_ranges(grown) == shard_ranges(13, 4, [10])
+    assert not extends(old, {**grown, "store_dtype": "float16"})  # other settings: another feature set
+    assert not extends(
+        old, {**grown, "dataset": {**grown["dataset"], "grown_from": [{"n_items": 9, "items_hash": "a"}]}}
+    )
