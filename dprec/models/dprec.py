@@ -3,7 +3,7 @@
 N = n_users + n_items nodes (users first), Â the normalised user-item graph, F_m the features of modality m,
 d the embedding size. ``DPRec.forward`` runs parts 1-6 in order; each part has a switch in ``DPRecConfig``.
 
-1. Projection   X_m = MLP_m(F_m), centred over items                                        (items x d)
+1. Projection   X_m = MLP_m(dropout(F_m)), centred over items                               (items x d)
 2. Memory       H_id = LightGCN(Â, ID embeddings);  H_m^mem = Â^L [mean_{i in N(u)} X_m[i] ; X_m]
 3. Expansion    H_m^exp = [B Ŝ_m^L' X_m ; Ŝ_m^L' X_m]    (Ŝ_m: kNN graph of F_m, B: user-item block of Â)
 4. Fusion       H_m = attention_p(H_m^mem, H_m^exp) per node;  H_mm = attention_m(H_m over modalities)
@@ -12,13 +12,16 @@ d the embedding size. ``DPRec.forward`` runs parts 1-6 in order; each part has a
                 (G_m under modality a vs b), hyperedge (H^T x under a vs b), behaviour (H_mm vs H_id)
 6. Prediction   e = H_id + beta * H_mm + alpha * normalise(sum_m G_m);  score(u, i) = <e_u, e_i>
 7. Loss         BPR + lambda_align * (node + hyperedge) + lambda_behaviour * behaviour + lambda_reg * L2(ID emb.)
-                (lambda_behaviour = lambda_align unless set)
+                (lambda_behaviour = lambda_align unless set; ``rec_loss`` "softmax" for a sampled softmax instead of
+                BPR, ``lambda_id_cl`` for SimGCL's noisy-view contrast of the IDs: both off, they lost on validation)
 
 Changed from §3 by the sparse catalogues (docs/design-notes.md#what-the-sparse-catalogues-changed): the expansion
 perspective is off by default (``use_expansion``: it smoothed the content a second time and lowered validation on
 Scientific and Instruments), H_id's LightGCN runs on FREEDOM's degree-sensitively pruned graph in training
-(``ui_dropout`` 0.5: the ID view over-fitted the few interactions); every part keeps its switch, and
-``purified_ids`` (MGCN's item-item view of the IDs) and ``expand_ids`` are the ID-side expansions.
+(``ui_dropout`` 0.5: the ID view over-fitted the few interactions), the raw features pass a dropout in training
+(``feature_dropout`` 0.2: the content part fitted the interactions before the ID part had converged); every part
+keeps its switch, and ``purified_ids`` (MGCN's item-item view of the IDs) and ``expand_ids`` are the ID-side
+expansions.
 
 One modality switches the cross-modal levels off, no features leave LightGCN on IDs (each logged once).
 Defaults, the choices where §3 is silent, and why: docs/design-notes.md#modelsdprec.
@@ -78,9 +81,10 @@ class DPRecConfig:
     """d: size of ID embeddings, projections and every node embedding."""
     projection_hidden: int = 256
     """Hidden width of the per-modality projection MLP (part 1)."""
-    feature_dropout: float = 0.0
-    """Dropout on the raw features F_m before the projection, in training (part 1): the projection of views that
-    nearly identify an item (one-hot codes) cannot learn a second free item embedding from them. 0 = off."""
+    feature_dropout: float = 0.2
+    """Dropout on the raw features F_m before the projection, in training (part 1): the content part fitted the few
+    interactions long before the ID part had converged (best epochs 21-33 on Scientific); 0.2 raised validation
+    R@20 there on every seed (docs/design-notes.md#what-the-sparse-catalogues-changed). 0 = off."""
     n_ui_layers: int = 2
     """LightGCN layers over the user-item graph for the ID embeddings H_id (part 2)."""
     ui_dropout: float = 0.5
@@ -135,6 +139,13 @@ class DPRecConfig:
     (docs/design-notes.md#what-the-sparse-catalogues-changed), where one view (Scientific) wanted 0.1."""
     lambda_reg: float = 1e-4
     """Weight of the L2 penalty on the batch's layer-0 ID embeddings (part 7)."""
+    lambda_id_cl: float = 0.0
+    """Weight of the ID-view contrast (SimGCL: Yu et al., "Are Graph Augmentations Necessary?", SIGIR 2022): two
+    LightGCN passes of the ID embeddings over H_id's graph, each layer perturbed by random noise of norm
+    ``id_cl_eps``, and InfoNCE (``align_tau``, in-batch, ``align_group``) between the two views of the batch's users
+    and items. It spreads the ID embeddings (uniformity) where few interactions leave them crowded. 0 = off."""
+    id_cl_eps: float = 0.1
+    """Norm of the noise added to every layer of the ID views (``lambda_id_cl``)."""
     rec_loss: RecLoss = "bpr"
     """The ranking loss (part 7): "bpr" (each positive against its own sampled negative, score = dot product) or
     "softmax": sampled softmax over cosine scores, each user's positive against every negative item the batch drew
@@ -173,7 +184,17 @@ class DPRecConfig:
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("n_ui_layers", "n_mm_layers", "alpha", "beta", "lambda_align", "lambda_reg", "align_group"):
+        for name in (
+            "n_ui_layers",
+            "n_mm_layers",
+            "alpha",
+            "beta",
+            "lambda_align",
+            "lambda_reg",
+            "align_group",
+            "lambda_id_cl",
+            "id_cl_eps",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("hyperedge_tau", "align_tau", "softmax_tau"):
@@ -339,12 +360,7 @@ class DPRec(Recommender):
     def _id_memory(self, xs: dict[str, Tensor]) -> Tensor:
         """H_id = LightGCN(Â, ID embeddings); with expand_ids its item rows gain the mean over modalities of Ŝ_m^L' E;
         with purified_ids every row gains the mean over modalities of the purified ID view (MGCN's item-item view)."""
-        graph = self.ui_graph
-        if self.pruning is not None and self.training:
-            if self.pruned_graph is None:  # a model used outside the trainer: epoch 0 of seed 0
-                self.start_epoch(0, 0)
-            graph = self.pruned_graph
-        h_id = lightgcn_propagate(graph, torch.cat([self.user_emb, self.item_emb]), self.cfg.n_ui_layers)
+        h_id = lightgcn_propagate(self._id_graph(), torch.cat([self.user_emb, self.item_emb]), self.cfg.n_ui_layers)
         names = self.modality_names
         if self.expand_ids:
             expanded = sum(propagate_rounds(self.knn[m], self.item_emb, self.cfg.n_ii_layers) for m in names)
@@ -356,6 +372,33 @@ class DPRec(Recommender):
                 views.append(torch.cat([self.user_block.propagate(items), items]))
             h_id = h_id + sum(views) / len(names)
         return h_id
+
+    def _id_graph(self):
+        """The graph of H_id's LightGCN: this epoch's pruned graph in training (``ui_dropout``), else the full Â."""
+        if self.pruning is None or not self.training:
+            return self.ui_graph
+        if self.pruned_graph is None:  # a model used outside the trainer: epoch 0 of seed 0
+            self.start_epoch(0, 0)
+        return self.pruned_graph
+
+    def _noisy_id_view(self) -> Tensor:
+        """SimGCL's view of the IDs: n_ui_layers rounds over H_id's graph, each layer plus sign(x) * eps * a random
+        unit vector, the mean of the perturbed layers (layer 0 left out, as SimGCL)."""
+        graph, x, layers = self._id_graph(), torch.cat([self.user_emb, self.item_emb]), []
+        for _ in range(max(1, self.cfg.n_ui_layers)):
+            x = graph.propagate(x)
+            x = x + torch.sign(x) * F.normalize(torch.rand_like(x), dim=1) * self.cfg.id_cl_eps
+            layers.append(x)
+        return torch.stack(layers).mean(0)
+
+    def id_contrast(self, users: Tensor, pos: Tensor) -> Tensor:
+        """``lambda_id_cl``'s InfoNCE between two noisy ID views, over the batch's distinct users and items."""
+        first, second = self._noisy_id_view(), self._noisy_id_view()
+        nodes = [torch.unique(users), self.n_users + torch.unique(pos)]
+        return sum(
+            info_nce(take_rows(first, r), take_rows(second, r), self.cfg.align_tau, group_size=self.cfg.align_group)
+            for r in nodes
+        )
 
     def start_epoch(self, epoch: int, seed: int) -> None:
         """Draw this epoch's pruned user-item graph for H_id (ui_dropout > 0; otherwise nothing to do)."""
@@ -477,5 +520,9 @@ class DPRec(Recommender):
         reg = self.cfg.lambda_reg * l2_reg(*ids)
         loss = rank + reg + sum(self.align_weight(level) * value for level, value in align.items())
         parts = {self.cfg.rec_loss: float(rank.detach()), "reg": float(reg.detach())}
+        if self.cfg.lambda_id_cl > 0:
+            id_cl = self.id_contrast(users, pos)
+            loss = loss + self.cfg.lambda_id_cl * id_cl
+            parts["id_cl"] = float(id_cl.detach())
         parts.update({f"align_{level}": float(value.detach()) for level, value in align.items()})
         return loss, parts

@@ -145,6 +145,7 @@ def test_each_structural_switch_changes_the_output(overrides: dict) -> None:
         ({"lambda_align": 0.1}, None),
         ({"keep_rate": 1.0}, None),
         ({"feature_dropout": 0.5}, None),
+        ({"lambda_id_cl": 0.1}, None),
     ],
 )
 def test_each_training_switch_changes_the_loss(overrides: dict, part: str | None) -> None:
@@ -395,3 +396,35 @@ def test_feature_dropout_acts_in_training_only() -> None:
     assert torch.allclose(x, expected - expected.mean(0, keepdim=True), atol=1e-6)
     whole = dropped.projection["text"](dropped.features_text)
     assert not torch.allclose(x, whole - whole.mean(0, keepdim=True), atol=1e-3)
+
+
+def test_id_contrast_is_the_info_nce_of_two_noisy_lightgcn_views() -> None:
+    model = make_model(lambda_id_cl=0.5, id_cl_eps=0.0)
+    users, pos, _ = batch()
+    clean = lightgcn_mean_without_ego(model)
+    expected = info_nce(clean[torch.unique(users)], clean[torch.unique(users)], 0.2) + info_nce(
+        clean[model.n_users + torch.unique(pos)], clean[model.n_users + torch.unique(pos)], 0.2
+    )
+    assert float(model.id_contrast(users, pos)) == pytest.approx(float(expected), rel=1e-5)  # eps 0: equal views
+    noisy = make_model(lambda_id_cl=0.5, id_cl_eps=0.1)
+    noisy.load_state_dict(model.state_dict())
+    view = noisy._noisy_id_view()
+    shift = (view - clean).norm(dim=1)
+    assert 0 < float(shift.min()) and float(shift.max()) < 0.3  # noise of norm 0.1 per layer, carried one round on
+    torch.manual_seed(0)
+    loss_on, parts = noisy.calculate_loss(users, pos, _)
+    assert parts["id_cl"] > 0
+    off = make_model(lambda_id_cl=0.0, id_cl_eps=0.1)
+    off.load_state_dict(model.state_dict())
+    torch.manual_seed(0)
+    loss_off, parts_off = off.calculate_loss(users, pos, _)
+    assert "id_cl" not in parts_off
+    assert float(loss_on) == pytest.approx(float(loss_off) + 0.5 * parts["id_cl"], rel=1e-5)
+
+
+def lightgcn_mean_without_ego(model: DPRec) -> torch.Tensor:
+    x, layers = torch.cat([model.user_emb, model.item_emb]).detach(), []
+    for _ in range(model.cfg.n_ui_layers):
+        x = model.ui_graph.propagate(x)
+        layers.append(x)
+    return torch.stack(layers).mean(0)
