@@ -14,23 +14,13 @@ from dprec.training.config import ColdStartConfig, RunConfig, TrainConfig, load_
 from dprec.training.loop import Trainer
 from dprec.training.metrics import DEFAULT_KS
 from dprec.training.run import load_run, save_run
-
-
-def features_of(ds, seed: int = 0) -> dict[str, np.ndarray]:
-    """'text' = one-hot hidden category with noise, 'image' = one-hot hidden colour with noise (16 and 12 wide)."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for name, key, n_values in (("text", "category", 8), ("image", "colour", 6)):
-        onehot = np.eye(n_values)[np.asarray(ds.meta["hidden"][key])]
-        padded = np.concatenate([onehot, np.zeros_like(onehot)], 1)
-        out[name] = (padded + 0.3 * rng.standard_normal(padded.shape)).astype(np.float32)
-    return out
+from tests.synthetic_features import informative_features
 
 
 @pytest.fixture(scope="module")
 def cold():
     ds = generate(split="cold-items")
-    return ds, features_of(ds)
+    return ds, informative_features(ds)
 
 
 @pytest.fixture(autouse=True)

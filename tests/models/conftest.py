@@ -1,23 +1,12 @@
 """Shared fixtures of the model tests: the embedded default dataset with informative features."""
 
-import numpy as np
 import pytest
 import torch
 
 from dprec.data.synthetic import generate
 from dprec.training.config import RunConfig, TrainConfig
 from dprec.training.loop import Trainer
-
-
-def informative_features(ds, seed: int = 0) -> dict[str, np.ndarray]:
-    """'text' = one-hot hidden category, 'image' = one-hot hidden colour, each with noise and noise-only dims."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for name, key, n_values in (("text", "category", 8), ("image", "colour", 6)):
-        onehot = np.eye(n_values)[np.asarray(ds.meta["hidden"][key])]
-        padded = np.concatenate([onehot, np.zeros_like(onehot)], 1)
-        out[name] = (padded + 0.3 * rng.standard_normal(padded.shape)).astype(np.float32)
-    return out
+from tests.synthetic_features import informative_features
 
 
 @pytest.fixture(scope="session")
