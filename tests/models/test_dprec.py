@@ -378,8 +378,9 @@ def test_softmax_loss_ranks_by_cosine_and_differs_from_bpr() -> None:
 
 
 def test_softmax_loss_learns_and_beats_popularity(fit_synthetic) -> None:
-    result = fit_synthetic({"name": "dprec", "rec_loss": "softmax"}, epochs=8)
-    assert result["test"]["recall@20"] > 0.25
+    popularity = fit_synthetic({"name": "popularity"}, epochs=1)  # test R@20 0.205 here
+    result = fit_synthetic({"name": "dprec", "rec_loss": "softmax"}, epochs=8)  # 0.545 when written
+    assert result["test"]["recall@20"] > popularity["test"]["recall@20"] + 0.2
 
 
 def test_feature_dropout_acts_in_training_only() -> None:
