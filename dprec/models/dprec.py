@@ -345,9 +345,10 @@ class DPRec(Recommender):
         xs = {name: self._projection(name) for name in self.modality_names} if needs_x else {}  # 1
         out = DPRecEmbeddings(h_id=self._id_memory(xs), rows=rows)  # 2 (and 3 for the IDs: expand/purified_ids)
         if self.has_content:
+            memories = self._memories(xs, rows) if self.use_memory else {}  # 2
             for name in self.modality_names:
                 x = xs[name]
-                memory = self._memory(x, rows) if self.use_memory else None  # 2
+                memory = memories.get(name)
                 expansion = self._expansion(name, x, rows) if self.use_expansion else None  # 3
                 out.h_modality[name] = self._fuse_perspectives(name, memory, expansion)  # 4, per modality
             out.h_mm = self._fuse(list(out.h_modality.values()), self.modality_gate)  # 4, over modalities
@@ -410,11 +411,16 @@ class DPRec(Recommender):
         x = self.projection[name](self.feature_dropout(feature_buffer(self, name)))
         return x - x.mean(0, keepdim=True)
 
-    def _memory(self, items: Tensor, rows: Tensor | None) -> Tensor:
-        """H_m^mem: users start as the mean of their items' projections, then n_mm_layers rounds over Â (last kept)."""
-        return F.normalize(
-            take_rows(memory_rounds(self.ui_graph, self.user_mean, items, self.cfg.n_mm_layers), rows), dim=1
+    def _memories(self, xs: dict[str, Tensor], rows: Tensor | None) -> dict[str, Tensor]:
+        """H_m^mem of every modality: users start as the mean of their items' projections, then n_mm_layers rounds
+        over Â (last kept). The modalities travel side by side as the columns of one matrix: each round is one
+        sparse product for all of them (the same sums per column, one pass over the graph's edges)."""
+        names = list(xs)
+        side_by_side = memory_rounds(
+            self.ui_graph, self.user_mean, torch.cat([xs[m] for m in names], 1), self.cfg.n_mm_layers
         )
+        parts = take_rows(side_by_side, rows).split([xs[m].shape[1] for m in names], dim=1)
+        return {m: F.normalize(part, dim=1) for m, part in zip(names, parts, strict=True)}
 
     def _expansion(self, name: str, items: Tensor, rows: Tensor | None) -> Tensor:
         """H_m^exp: n_ii_layers rounds over the kNN graph of F_m; users aggregate through the block of Â."""

@@ -123,47 +123,72 @@ class LGMRec(Recommender):
         items = feature_buffer(self, name) @ self.projection[name]
         return memory_rounds(self.ui_graph, self.user_mean, items, self.cfg.n_mm_layers)
 
-    def _hypergraph(self, name: str, items: Tensor) -> Tensor:
-        """G_m of all nodes: hyperedges gather from items only, users and items read them back."""
+    def _hypergraph(self, name: str, items: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """(G_m of all nodes, its factors (incidence of all nodes, hyperedges): G_m = incidence @ hyperedges):
+        hyperedges gather from items only, users and items read them back."""
         gumbel = self.training  # noise-free soft assignment at evaluation
         item_logits = feature_buffer(self, name) @ self.hyperedge_assign[name]
         item_incidence = self.incidence_dropout(gumbel_or_soft(item_logits, self.cfg.tau, gumbel))
         user_logits = self.interactions.propagate(item_logits)
         user_incidence = self.incidence_dropout(gumbel_or_soft(user_logits, self.cfg.tau, gumbel))
         items, hyperedges = hypergraph_rounds(item_incidence, items, self.cfg.n_hyper_layers, self.backend)
-        return torch.cat([user_incidence @ hyperedges, items])
+        return torch.cat([user_incidence @ hyperedges, items]), (
+            torch.cat([user_incidence, item_incidence]),
+            hyperedges,
+        )
+
+    def _parts(self) -> tuple[Tensor, dict[str, Tensor], dict[str, tuple[Tensor, Tensor]]]:
+        h_id = lightgcn_propagate(self.ui_graph, torch.cat([self.user_emb, self.item_emb]), self.cfg.n_ui_layers)
+        local = h_id + sum(F.normalize(self._modality(m), dim=1) for m in self.modality_names)
+        hyper = {m: self._hypergraph(m, h_id[self.n_users :]) for m in self.modality_names}
+        global_ = {m: g for m, (g, _) in hyper.items()}
+        factors = {m: f for m, (_, f) in hyper.items()}
+        return local + self.cfg.alpha * F.normalize(sum(global_.values()), dim=1), global_, factors
 
     def forward(self) -> tuple[Tensor, dict[str, Tensor]]:
         """(final embeddings e, {modality: G_m}) of all nodes, users first."""
-        h_id = lightgcn_propagate(self.ui_graph, torch.cat([self.user_emb, self.item_emb]), self.cfg.n_ui_layers)
-        local = h_id + sum(F.normalize(self._modality(m), dim=1) for m in self.modality_names)
-        global_ = {m: self._hypergraph(m, h_id[self.n_users :]) for m in self.modality_names}
-        return local + self.cfg.alpha * F.normalize(sum(global_.values()), dim=1), global_
+        e, global_, _ = self._parts()
+        return e, global_
 
     def final_embeddings(self) -> tuple[Tensor, Tensor]:
         e, _ = self()
         return e[: self.n_users], e[self.n_users :]
 
-    def _cross_modal(self, global_: dict[str, Tensor], users: Tensor, pos: Tensor) -> Tensor:
+    def _cross_modal(
+        self,
+        global_: dict[str, Tensor],
+        factors: dict[str, tuple[Tensor, Tensor]],
+        users: Tensor,
+        pos: Tensor,
+    ) -> Tensor:
         """Sum over modality pairs of InfoNCE(a vs b) on the batch's users (against all users) and items.
 
         A node drawn k times in the batch has k equal terms: each distinct node is computed once and counted k
-        times (the same sum; the InfoNCE against all nodes costs per distinct anchor)."""
+        times (the same sum; the InfoNCE against all nodes costs per distinct anchor). The candidates G_b are a
+        mix of n_hyperedges rows (``factors``): with fewer hyperedges than dimensions the products against all
+        nodes run over the hyperedges (``info_nce``'s candidate_factors, the same loss)."""
         total = torch.zeros((), device=users.device)
         for a, b in itertools.combinations(global_, 2):
+            incidence, hyperedges = factors[b]
             for nodes, every in ((users, slice(None, self.n_users)), (self.n_users + pos, slice(self.n_users, None))):
                 rows, counts = torch.unique(nodes, return_counts=True)
+                low_rank = (incidence[every], hyperedges) if len(hyperedges) < hyperedges.shape[1] else None
                 terms = info_nce(
-                    take_rows(global_[a], rows), take_rows(global_[b], rows), self.cfg.tau, global_[b][every], "none"
+                    take_rows(global_[a], rows),
+                    take_rows(global_[b], rows),
+                    self.cfg.tau,
+                    global_[b][every],
+                    "none",
+                    candidate_factors=low_rank,
                 )
                 total = total + (terms * counts).sum()
         return total
 
     def calculate_loss(self, users: Tensor, pos: Tensor, neg: Tensor) -> tuple[Tensor, dict[str, float]]:
-        e, global_ = self()
+        e, global_, factors = self._parts()
         u, p, n = (take_rows(e, i) for i in (users, self.n_users + pos, self.n_users + neg))
         bpr = bpr_loss((u * p).sum(1), (u * n).sum(1))
-        cl = self._cross_modal(global_, users, pos)
+        cl = self._cross_modal(global_, factors, users, pos)
         reg = self.cfg.reg_weight * norm_penalty(u, p, n)
         loss = bpr + self.cfg.cl_weight * cl + reg
         return loss, {"bpr": float(bpr.detach()), "cl": float(cl.detach()), "reg": float(reg.detach())}

@@ -5,7 +5,8 @@ every gradient within 1e-5.
   ``torch.logsumexp(a @ c.T)``;
 - ``info_nce`` through it against the plain formula;
 - DPRec's and MGCN's batch-rows forward (per-node parts for the batch's nodes only) against the full pass indexed
-  after; LGMRec's InfoNCE over distinct anchors (weighted by their count) against one term per batch row.
+  after; LGMRec's InfoNCE over distinct anchors (weighted by their count), its all-node denominator over the
+  hyperedges (``info_nce``'s candidate_factors), against one dense term per batch row.
 """
 
 from __future__ import annotations
@@ -35,12 +36,14 @@ def old_info_nce(anchor, positive, tau, candidates=None, reduction="mean"):
 
 @pytest.mark.parametrize("keep", [0, layers.LSE_KEEP_FLOATS], ids=["recomputed", "kept"])
 @pytest.mark.parametrize("block", [7, 64, layers.LSE_BLOCK_FLOATS])
-def test_logsumexp_of_products_equals_torch(monkeypatch, block, keep):
+@pytest.mark.parametrize("width", [8, layers.NARROW_COLUMNS + 8], ids=["narrow", "wide"])  # the two backward forms
+def test_logsumexp_of_products_equals_torch(monkeypatch, block, keep, width):
     monkeypatch.setattr(layers, "LSE_BLOCK_FLOATS", block)
     monkeypatch.setattr(layers, "LSE_KEEP_FLOATS", keep)  # the softmax kept for the backward, or recomputed
     gen = torch.Generator().manual_seed(0)
-    a = (3 * torch.randn(37, 8, generator=gen)).requires_grad_()
-    c = (3 * torch.randn(23, 8, generator=gen)).requires_grad_()
+    scale = 3 * (8 / width) ** 0.5  # products of the same size at either width
+    a = (scale * torch.randn(37, width, generator=gen)).requires_grad_()
+    c = (scale * torch.randn(23, width, generator=gen)).requires_grad_()
     upstream = torch.randn(37, generator=gen)
     got = logsumexp_of_products(a, c)
     (got * upstream).sum().backward()
@@ -53,6 +56,26 @@ def test_logsumexp_of_products_equals_torch(monkeypatch, block, keep):
     torch.testing.assert_close(got, want.float(), **TOL)
     torch.testing.assert_close(grads[0], a64.grad.float(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grads[1], c64.grad.float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("keep", [0, layers.LSE_KEEP_FLOATS], ids=["recomputed", "kept"])
+def test_logsumexp_of_products_with_a_bound_skips_the_shift_and_equals_torch(monkeypatch, keep):
+    """Products bounded by 1 / tau (cosines over tau): exp without row maxima, the same values and gradients."""
+    monkeypatch.setattr(layers, "LSE_BLOCK_FLOATS", 64)
+    monkeypatch.setattr(layers, "LSE_KEEP_FLOATS", keep)
+    gen = torch.Generator().manual_seed(3)
+    tau = 0.05  # products up to 20: exp(20) = 5e8, where a shift-free float32 sum must still be exact to 1e-5
+    a = (F.normalize(torch.randn(37, 8, generator=gen), dim=1) / tau).requires_grad_()
+    c = F.normalize(torch.randn(23, 8, generator=gen), dim=1).requires_grad_()
+    upstream = torch.randn(37, generator=gen)
+    got = logsumexp_of_products(a, c, bound=1 / tau + 1e-3)
+    (got * upstream).sum().backward()
+    a64, c64 = (t.detach().double().requires_grad_() for t in (a, c))
+    want = torch.logsumexp(a64 @ c64.T, dim=1)
+    (want * upstream.double()).sum().backward()
+    torch.testing.assert_close(got, want.float(), **TOL)
+    torch.testing.assert_close(a.grad, a64.grad.float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(c.grad, c64.grad.float(), rtol=1e-5, atol=1e-5)
 
 
 def test_logsumexp_of_products_is_stable_for_large_products():
@@ -79,6 +102,34 @@ def test_info_nce_equals_the_plain_formula(monkeypatch, candidates, reduction, k
         results.append((loss.detach(), *(t.grad.clone() for t in leaves[: 3 if candidates else 2])))
     for got, want in zip(*results, strict=True):
         torch.testing.assert_close(got, want, **TOL)
+
+
+@pytest.mark.parametrize("keep", [0, layers.LSE_KEEP_FLOATS], ids=["recomputed", "kept"])
+def test_info_nce_over_candidate_factors_equals_the_dense_candidates(monkeypatch, keep):
+    """LGMRec's all-node denominator over the K hyperedges of a hypergraph read-out, against the d columns."""
+    monkeypatch.setattr(layers, "LSE_BLOCK_FLOATS", 50)
+    monkeypatch.setattr(layers, "LSE_KEEP_FLOATS", keep)
+    gen = torch.Generator().manual_seed(2)
+    anchor, positive = (torch.randn(15, 16, generator=gen).requires_grad_() for _ in range(2))
+    left = torch.rand(40, 3, generator=gen).requires_grad_()  # incidence: 40 nodes x 3 hyperedges
+    right = torch.randn(3, 16, generator=gen).requires_grad_()  # hyperedges
+    leaves = (anchor, positive, left, right)
+    results = []
+    for factored in (True, False):
+        for t in leaves:
+            t.grad = None
+        candidates = left @ right
+        loss = info_nce(
+            anchor, positive, 0.2, candidates, "none", candidate_factors=(left, right) if factored else None
+        )
+        (loss * torch.arange(1.0, 16.0)).sum().backward()
+        results.append((loss.detach(), *(t.grad.clone() for t in leaves)))
+    for got, want in zip(*results, strict=True):  # the issue's bar, 1e-5 (gradients here are sums weighted up to 15)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="do not factor"):
+        info_nce(anchor, positive, 0.2, left @ right, candidate_factors=(left[:5], right))
+    with pytest.raises(ValueError, match="need the candidates"):
+        info_nce(anchor, positive, 0.2, None, candidate_factors=(left, right))
 
 
 def full_pass_loss(model: DPRec, users, pos, neg):
@@ -125,6 +176,31 @@ def assert_equal_to_the_old_path(model, old_loss_fn):
     assert new_grads.keys() == old_grads.keys() and len(new_grads) > 4
     for name in old_grads:
         torch.testing.assert_close(new_grads[name], old_grads[name], **TOL, msg=name)
+
+
+@pytest.mark.parametrize("backend", available_backends())
+def test_memory_of_the_modalities_side_by_side_equals_one_by_one(backend):
+    """DPRec's memory perspective: every modality in one sparse product per round, against one product each."""
+    model = make_model(backend, views=("text", "image", "audio"))
+    gen = torch.Generator().manual_seed(4)
+    xs = {m: torch.randn(model.n_items, 8, generator=gen).requires_grad_() for m in model.modality_names}
+    rows = torch.tensor([0, 3, 7, model.n_users + 2, model.n_users + 5])
+    upstream = torch.randn(len(rows), 8, generator=gen)
+    results = []
+    for fn in (
+        lambda: model._memories(xs, rows),
+        lambda: {  # the old path: each modality on its own
+            m: F.normalize(layers.memory_rounds(model.ui_graph, model.user_mean, x, model.cfg.n_mm_layers)[rows], dim=1)
+            for m, x in xs.items()
+        },
+    ):
+        for x in xs.values():
+            x.grad = None
+        out = fn()
+        sum(((o * upstream).sum() * (k + 1) for k, o in enumerate(out.values()))).backward()
+        results.append([o.detach() for o in out.values()] + [x.grad.clone() for x in xs.values()])
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, **TOL)
 
 
 VARIANTS = [
