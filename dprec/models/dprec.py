@@ -45,6 +45,7 @@ from dprec.models.base import ModelContext, Recommender, bpr_loss, l2_reg
 from dprec.models.freedom import DegreePruning
 from dprec.models.layers import (
     AttentionGate,
+    BitDropout,
     check_modality_names,
     feature_buffer,
     gumbel_or_soft,
@@ -82,7 +83,8 @@ class DPRecConfig:
     projection_hidden: int = 256
     """Hidden width of the per-modality projection MLP (part 1)."""
     feature_dropout: float = 0.2
-    """Dropout on the raw features F_m before the projection, in training (part 1): the content part fitted the few
+    """Dropout on the raw features F_m before the projection, in training (part 1; ``layers.BitDropout``, the same
+    Bernoulli mask from packed random bits): the content part fitted the few
     interactions long before the ID part had converged (best epochs 21-33 on Scientific); 0.2 raised validation
     R@20 there on every seed (docs/design-notes.md#what-the-sparse-catalogues-changed). 0 = off."""
     n_ui_layers: int = 2
@@ -332,7 +334,7 @@ class DPRec(Recommender):
             else None
         )
         self.incidence_dropout = nn.Dropout(1.0 - cfg.keep_rate)
-        self.feature_dropout = nn.Dropout(cfg.feature_dropout) if cfg.feature_dropout > 0 else nn.Identity()
+        self.feature_dropout = BitDropout(cfg.feature_dropout) if cfg.feature_dropout > 0 else nn.Identity()
 
     def forward(self, rows: Tensor | None = None) -> DPRecEmbeddings:
         """One full-graph pass through DESIGN.md §3, parts 1-6 in order (users first).

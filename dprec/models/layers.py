@@ -17,6 +17,7 @@ BPR and the squared L2 penalty are in ``dprec.models.base``.
 from __future__ import annotations
 
 import itertools
+import sys
 
 import numpy as np
 import torch
@@ -292,6 +293,41 @@ def norm_penalty(*tensors: Tensor) -> Tensor:
 def gumbel_or_soft(logits: Tensor, tau: float, gumbel: bool) -> Tensor:
     """Gumbel-softmax(logits, tau) when ``gumbel`` (training), else the noise-free softmax(logits / tau)."""
     return F.gumbel_softmax(logits, tau=tau, dim=1, hard=False) if gumbel else torch.softmax(logits / tau, dim=1)
+
+
+class BitDropout(nn.Module):
+    """Dropout whose mask comes from packed random bits: each 63-bit draw of torch's generator
+    (``random_`` on int64) gives three 16-bit uniforms (its low 48 bits, read as int16), an entry is kept where its
+    uniform is among the lowest ``threshold`` = round((1 - p) 65536) of the 65536 values, and kept entries are
+    scaled by 65536 / threshold, so the expectation is x exactly and the keep probability is 1 - p to within 2^-17
+    (p = 0.2: 0.80000305). ``nn.Dropout`` draws one Bernoulli per entry, which on this 2-core CPU cost 21-29 ms for
+    a 7,050 x 256 view (DPRec's feature dropout: 0.6 s of an 8 s epoch on Baby), against about 8 ms here.
+    Same seed, same mask: the bits come from torch's default generator."""
+
+    LOW = slice(0, 3) if sys.byteorder == "little" else slice(1, 4)
+    """The three int16 of an int64 that hold its low 48 bits."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        if not 0 <= p < 1:
+            raise ValueError(f"dropout probability must lie in [0, 1), got {p}")
+        self.p = p
+        self.threshold = round((1.0 - p) * 65536)
+
+    def keep(self, shape: torch.Size, device: torch.device) -> Tensor:
+        """A bool mask of ``shape``, True where an entry is kept."""
+        n = shape.numel()
+        words = torch.empty(-(-n // 3), dtype=torch.int64, device=device).random_()
+        uniforms = words.view(torch.int16).view(-1, 4)[:, self.LOW]  # each uniform over the 65536 int16 values
+        return (uniforms < self.threshold - 32768).reshape(-1)[:n].view(shape)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0:
+            return x
+        return (x * self.keep(x.shape, x.device)).mul_(65536.0 / self.threshold)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
 
 
 class AttentionGate(nn.Module):

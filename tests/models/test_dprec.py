@@ -13,7 +13,7 @@ from dprec.config import ConfigError
 from dprec.graph import available_backends
 from dprec.models import ModelContext
 from dprec.models.dprec import EVERY_PART, DPRec, DPRecConfig
-from dprec.models.layers import info_nce, sampled_softmax_loss
+from dprec.models.layers import BitDropout, info_nce, sampled_softmax_loss
 from dprec.models.lightgcn import LightGCN, LightGCNConfig
 from dprec.training.config import RunConfig
 
@@ -391,7 +391,7 @@ def test_feature_dropout_acts_in_training_only() -> None:
     torch.manual_seed(0)
     x = dropped._projection("text")
     torch.manual_seed(0)
-    kept = torch.nn.functional.dropout(dropped.features_text, 0.5, training=True)
+    kept = BitDropout(0.5).train()(dropped.features_text)  # the same mask: the same draws of the generator
     assert 0.3 < float((kept == 0).float().mean()) < 0.7
     expected = dropped.projection["text"](kept)
     assert torch.allclose(x, expected - expected.mean(0, keepdim=True), atol=1e-6)
