@@ -18,8 +18,9 @@ d the embedding size. ``DPRec.forward`` runs parts 1-6 in order; each part has a
 Changed from §3 by the sparse catalogues (docs/design-notes.md#what-the-sparse-catalogues-changed): the expansion
 perspective is off by default (``use_expansion``: it smoothed the content a second time and lowered validation on
 Scientific and Instruments), the content counts half in the prediction (``beta`` 0.5: on Instruments' two code
-views, nearly item identifiers, the full weight cost 0.009 validation R@20; on Scientific the two tie), H_id's LightGCN runs on FREEDOM's degree-sensitively pruned graph in training
-(``ui_dropout`` 0.5: the ID view over-fitted the few interactions), the raw features pass a dropout in training
+views, nearly item identifiers, the full weight cost 0.009 validation R@20; on Scientific the two tie), H_id's
+LightGCN runs on FREEDOM's degree-sensitively pruned graph in training (``ui_dropout`` 0.5: the ID view over-fitted
+the few interactions), the raw features pass a dropout in training
 (``feature_dropout`` 0.2: the content part fitted the interactions before the ID part had converged); every part
 keeps its switch, and ``purified_ids`` (MGCN's item-item view of the IDs) and ``expand_ids`` are the ID-side
 expansions.
@@ -85,9 +86,9 @@ class DPRecConfig:
     """Hidden width of the per-modality projection MLP (part 1)."""
     feature_dropout: float = 0.2
     """Dropout on the raw features F_m before the projection, in training (part 1; ``layers.BitDropout``, the same
-    Bernoulli mask from packed random bits): the content part fitted the few
-    interactions long before the ID part had converged (best epochs 21-33 on Scientific); 0.2 raised validation
-    R@20 there on every seed (docs/design-notes.md#what-the-sparse-catalogues-changed). 0 = off."""
+    Bernoulli mask from packed random bits): the content part fitted the few interactions long before the ID part had
+    converged (best epochs 21-33 on Scientific); 0.2 raised validation R@20 there on every seed
+    (docs/design-notes.md#what-the-sparse-catalogues-changed). 0 = off."""
     n_ui_layers: int = 2
     """LightGCN layers over the user-item graph for the ID embeddings H_id (part 2)."""
     ui_dropout: float = 0.5

@@ -131,6 +131,11 @@ def hypergraph_rounds(
     return take_rows(x, rows), hyperedges
 
 
+def cosine_bound(tau: float) -> float:
+    """A bound on |cos(a, c) / tau| for ``logsumexp_of_products``: |cosine| <= 1, and a little for rounding."""
+    return 1.0 / tau + 1e-3
+
+
 def info_nce(
     anchor: Tensor,
     positive: Tensor,
@@ -156,7 +161,7 @@ def info_nce(
     K / d of the dense one.
     """
     a, p = F.normalize(anchor, dim=1), F.normalize(positive, dim=1)
-    cos_bound = 1.0 / tau + 1e-3  # |cosine| <= 1, and a little for rounding
+    cos_bound = cosine_bound(tau)
     if candidates is None and 0 < group_size < len(a):
         n_groups = -(-len(a) // group_size)
         order = torch.randperm(len(a), device=a.device)
@@ -194,7 +199,7 @@ def sampled_softmax_loss(users: Tensor, pos: Tensor, negatives: Tensor, tau: flo
     """
     u, p, n = F.normalize(users, dim=1), F.normalize(pos, dim=1), F.normalize(negatives, dim=1)
     s_pos = (u * p).sum(1) / tau
-    return (torch.logaddexp(logsumexp_of_products(u / tau, n, 1.0 / tau + 1e-3), s_pos) - s_pos).mean()
+    return (torch.logaddexp(logsumexp_of_products(u / tau, n, cosine_bound(tau)), s_pos) - s_pos).mean()
 
 
 LSE_BLOCK_FLOATS = 1 << 20

@@ -170,9 +170,10 @@ class LGMRec(Recommender):
         total = torch.zeros((), device=users.device)
         for a, b in itertools.combinations(global_, 2):
             incidence, hyperedges = factors[b]
+            narrow = len(hyperedges) < hyperedges.shape[1]
             for nodes, every in ((users, slice(None, self.n_users)), (self.n_users + pos, slice(self.n_users, None))):
                 rows, counts = torch.unique(nodes, return_counts=True)
-                low_rank = (incidence[every], hyperedges) if len(hyperedges) < hyperedges.shape[1] else None
+                low_rank = (incidence[every], hyperedges) if narrow else None
                 terms = info_nce(
                     take_rows(global_[a], rows),
                     take_rows(global_[b], rows),
