@@ -18,6 +18,7 @@ LAYERS = {
     "dprec": 0,  # the package's __init__
     "dprec.io": 0,
     "dprec.config": 0,
+    "dprec.kernels": 0,
     "dprec.data": 1,
     "dprec.features": 2,
     "dprec.graph": 3,

@@ -6,15 +6,27 @@ hits gathered from a dense truth matrix. The new path must give *exactly* the sa
 not approx), ties included, and must never write into the tensors ``score_users`` returns.
 """
 
+import subprocess
 import threading
 
 import numpy as np
 import pytest
 import torch
 
+from dprec import kernels
 from dprec.data.interactions import UserItemSets
 from dprec.training import metrics
-from dprec.training.metrics import evaluate_ranking, masked_topk, metric_names, reference_masked_topk
+from dprec.training.metrics import (
+    evaluate_ranking,
+    grouped_masked_topk,
+    masked_topk,
+    metric_names,
+    native_masked_topk,
+    reference_masked_topk,
+)
+
+NATIVE = kernels.load("topk") is not None
+needs_native = pytest.mark.skipif(not NATIVE, reason="the C kernel could not be built here (no C compiler)")
 
 
 def old_evaluate_ranking(score_users, truth, train_mask, ks, chunk_size=2048):
@@ -141,39 +153,88 @@ def random_mask(rng, b, n, density):
     return mask.nonzero(as_tuple=True)
 
 
+def topk_case(rng, trial):
+    """Scores of one of six kinds (distinct, few values, rounded, NaN / inf, half zeros) and a random mask."""
+    b, n = int(rng.integers(1, 16)), int(rng.integers(2, 3000))
+    k = int(rng.integers(1, min(n, 60) + 1))
+    kind = trial % 6
+    scores = torch.randn(b, n)
+    if kind == 1:
+        scores = torch.from_numpy(rng.integers(0, 20, (b, n)).astype(np.float32))
+    elif kind == 2:
+        scores = scores.round(decimals=1)
+    elif kind == 3:
+        scores[torch.rand(b, n) < 0.01] = float("nan")
+        scores[torch.rand(b, n) < 0.002] = float("inf")
+        scores[torch.rand(b, n) < 0.01] = -float("inf")
+    elif kind == 4:
+        scores[:, ::2] = 0.0
+    rows, cols = random_mask(rng, b, n, float(rng.choice([0.0, 0.01, 0.3, 0.95])))
+    if trial % 5 == 0:  # mask each row's best items: the group / chunk maxima must be recomputed
+        best = torch.topk(scores.nan_to_num(0), min(n, 6), 1).indices
+        rows = torch.cat([rows, torch.arange(b).repeat_interleave(best.shape[1])])
+        cols = torch.cat([cols, best.reshape(-1)])
+    return scores, rows, cols, k
+
+
 @pytest.mark.parametrize("seed", range(2))
-def test_masked_topk_equals_topk_of_the_masked_copy(seed):
+@pytest.mark.parametrize("impl", ["grouped", "native", "dispatch"])
+def test_masked_topk_equals_topk_of_the_masked_copy(seed, impl):
+    if impl == "native" and not NATIVE:
+        pytest.skip("the C kernel could not be built here (no C compiler)")
+    functions = {
+        "grouped": [lambda s, r, c, k, w=w: grouped_masked_topk(s, r, c, k, width=w) for w in (None, 3, 16)],
+        "native": [native_masked_topk],
+        "dispatch": [masked_topk],
+    }[impl]
     rng = np.random.default_rng(seed)
     for trial in range(30):
-        b, n = int(rng.integers(1, 16)), int(rng.integers(1, 3000))
-        k = int(rng.integers(1, min(n, 60) + 1))
-        kind = trial % 6
-        scores = torch.randn(b, n)
-        if kind == 1:
-            scores = torch.from_numpy(rng.integers(0, 20, (b, n)).astype(np.float32))
-        elif kind == 2:
-            scores = scores.round(decimals=1)
-        elif kind == 3:
-            scores[torch.rand(b, n) < 0.01] = float("nan")
-            scores[torch.rand(b, n) < 0.002] = float("inf")
-            scores[torch.rand(b, n) < 0.01] = -float("inf")
-        elif kind == 4:
-            scores[:, ::2] = 0.0
-        rows, cols = random_mask(rng, b, n, float(rng.choice([0.0, 0.01, 0.3, 0.95])))
-        if trial % 5 == 0:  # mask each row's best items: the group maxima must be recomputed
-            best = torch.topk(scores.nan_to_num(0), min(n, 6), 1).indices
-            rows = torch.cat([rows, torch.arange(b).repeat_interleave(best.shape[1])])
-            cols = torch.cat([cols, best.reshape(-1)])
+        scores, rows, cols, k = topk_case(rng, trial)
         before = scores.clone()
         expected = reference_masked_topk(scores, rows, cols, k)
-        for width in (None, 3, 16):
-            assert torch.equal(masked_topk(scores, rows, cols, k, width=width), expected), (trial, width)
+        for i, fn in enumerate(functions):
+            assert torch.equal(fn(scores, rows, cols, k), expected), (trial, i)
         assert torch.equal(scores.isnan(), before.isnan())
         assert torch.equal(scores.nan_to_num(), before.nan_to_num())  # never written
 
 
-def test_fast_path_decides_rows_without_ties(monkeypatch):
+@needs_native
+def test_native_topk_with_unsorted_duplicate_and_wrong_pairs():
+    rng = np.random.default_rng(12)
+    scores = torch.randn(20, 900)
+    rows, cols = random_mask(rng, 20, 900, 0.05)
+    order = torch.from_numpy(rng.permutation(len(rows)))
+    rows, cols = torch.cat([rows[order], rows[:30]]), torch.cat([cols[order], cols[:30]])  # shuffled, repeated
+    expected = reference_masked_topk(scores, rows, cols, 50)
+    assert torch.equal(native_masked_topk(scores, rows, cols, 50), expected)
+    assert torch.equal(native_masked_topk(scores, rows.int(), cols.int(), 50), expected)
+    with pytest.raises(IndexError):
+        native_masked_topk(scores, torch.tensor([3]), torch.tensor([900]), 5)  # as indexing the scores raises
+    with pytest.raises(IndexError):
+        native_masked_topk(scores, torch.tensor([20]), torch.tensor([0]), 5)
+    assert native_masked_topk(scores.double(), rows, cols, 5) is None  # float32 only: the caller's other path
+    assert native_masked_topk(scores, rows, cols, 900) is None  # k + 1 > items
+
+
+@needs_native
+def test_native_topk_on_large_rows_and_wide_k():
+    """Rows long enough for the widest chunks, heavy masks, every k from 1 to 200."""
+    rng = np.random.default_rng(13)
+    scores = torch.randn(24, 20000)
+    scores[5] = scores[5].round(decimals=2)  # ties below the top: still decided where the top is distinct
+    rows, cols = random_mask(rng, 24, 20000, 0.02)
+    heavy = torch.arange(19000)  # row 7: nearly everything masked
+    rows, cols = torch.cat([rows, torch.full_like(heavy, 7)]), torch.cat([cols, heavy])
+    for k in (1, 2, 10, 50, 200):
+        assert torch.equal(native_masked_topk(scores, rows, cols, k), reference_masked_topk(scores, rows, cols, k)), k
+
+
+@pytest.mark.parametrize("impl", ["grouped", "native"])
+def test_fast_path_decides_rows_without_ties(monkeypatch, impl):
     """Distinct scores: no row may fall back to torch.topk (else the speed-up is gone)."""
+    if impl == "native" and not NATIVE:
+        pytest.skip("the C kernel could not be built here (no C compiler)")
+    fn = grouped_masked_topk if impl == "grouped" else native_masked_topk
     rng = np.random.default_rng(7)
     scores = torch.randn(64, 7000)
     rows, cols = random_mask(rng, 64, 7000, 0.003)
@@ -182,13 +243,51 @@ def test_fast_path_decides_rows_without_ties(monkeypatch):
     monkeypatch.setattr(
         metrics, "reference_masked_topk", lambda s, r, c, k: (handed_over.append(len(s)), original(s, r, c, k))[1]
     )
-    top = masked_topk(scores, rows, cols, 50)
+    top = fn(scores, rows, cols, 50)
     assert sum(handed_over) == 0
     assert torch.equal(top, original(scores, rows, cols, 50))
     scores[5, :] = 2.0  # a constant row: ranked by torch.topk, the others still by the fast path
-    top = masked_topk(scores, rows, cols, 50)
+    top = fn(scores, rows, cols, 50)
     assert handed_over == [1]
     assert torch.equal(top, original(scores, rows, cols, 50))
+
+
+def test_kernel_is_built_once_and_its_absence_falls_back(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("DPREC_KERNEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(kernels, "_loaded", {})
+    rng = np.random.default_rng(14)
+    scores = torch.randn(30, 2000)
+    rows, cols = random_mask(rng, 30, 2000, 0.01)
+    expected = reference_masked_topk(scores, rows, cols, 20)
+    if NATIVE:
+        path = kernels.build("topk")
+        built = path.stat().st_mtime_ns
+        assert kernels.build("topk") == path and path.stat().st_mtime_ns == built  # cached, not rebuilt
+        assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary left behind
+        assert torch.equal(native_masked_topk(scores, rows, cols, 20), expected)
+    monkeypatch.setattr(kernels, "_loaded", {})
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("DPREC_KERNEL_CACHE", str(tmp_path / "other"))
+    with caplog.at_level("WARNING", logger="dprec.kernels"):
+        assert native_masked_topk(scores, rows, cols, 20) is None
+    assert "no C compiler" in caplog.text
+    assert torch.equal(masked_topk(scores, rows, cols, 20), expected)  # the torch path
+    monkeypatch.setattr(kernels, "_loaded", {})
+    monkeypatch.delenv("CC")
+    monkeypatch.setenv("DPREC_NATIVE", "0")
+    assert kernels.load("topk") is None and native_masked_topk(scores, rows, cols, 20) is None
+    assert torch.equal(masked_topk(scores, rows, cols, 20), expected)
+
+
+def test_a_failing_build_leaves_nothing_behind(tmp_path, monkeypatch):
+    compiler = tmp_path / "cc"
+    compiler.write_text("#!/bin/sh\necho 'error: broken' >&2\nexit 3\n")
+    compiler.chmod(0o755)
+    monkeypatch.setenv("CC", str(compiler))
+    monkeypatch.setenv("DPREC_KERNEL_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(subprocess.SubprocessError, match="exited with 3: error: broken"):
+        kernels.build("topk")
+    assert list((tmp_path / "cache").iterdir()) == []
 
 
 def test_caller_tensors_are_never_written(two_threads):

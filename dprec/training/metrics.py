@@ -16,9 +16,10 @@ Recommendation" (2023).
 
 Speed: users are scored in blocks of a few MiB of scores (cache-sized, never more than
 ``chunk_size`` users) and the sums are added per ``chunk_size`` users exactly as before. The
-masked top-k of a block (:func:`masked_topk`) neither copies nor writes the scores: it finds a
-few candidates per row from column-group maxima and returns exactly what ``torch.topk`` of the
-masked scores returns. Hits are looked up in the truth pairs of the block's users (binary
+masked top-k of a block (:func:`masked_topk`) neither copies nor writes the scores and returns
+exactly what ``torch.topk`` of the masked scores returns: a C kernel (``dprec/kernels/topk.c``,
+compiled on first use) scans each row once against the smallest of its k+1 best so far; without a
+C compiler, torch operations find a few candidates per row from column-group maxima. Hits are looked up in the truth pairs of the block's users (binary
 search), not in a dense truth matrix. With two or more intra-op threads, blocks are ranked in
 worker threads while the calling thread scores the next ones.
 
@@ -32,6 +33,7 @@ on the same masked row, so the results (and metric sums) are identical to the ol
 
 from __future__ import annotations
 
+import ctypes
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -39,6 +41,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import torch
 
+from dprec import kernels
 from dprec.data.interactions import UserItemSets
 from dprec.training.signals import deferred_signals
 
@@ -105,11 +108,64 @@ def _group_max(values: torch.Tensor, groups: int) -> torch.Tensor:
     return out
 
 
-def masked_topk(
+def masked_topk(scores: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, k: int) -> torch.Tensor:
+    """Exactly :func:`reference_masked_topk` (same indices, same order), without copying or
+    writing into ``scores``: by the C kernel (:func:`native_masked_topk`) where it is built, else by
+    :func:`grouped_masked_topk`."""
+    top = native_masked_topk(scores, rows, cols, k)
+    return grouped_masked_topk(scores, rows, cols, k) if top is None else top
+
+
+def _topk_kernel():
+    lib = kernels.load("topk")
+    if lib is None:
+        return None
+    fn = lib.dprec_masked_topk_f32  # the same object on every call (ctypes keeps it)
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
+    fn.argtypes += [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
+    fn.restype = ctypes.c_int64
+    return fn
+
+
+def native_masked_topk(scores: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, k: int) -> torch.Tensor | None:
+    """:func:`reference_masked_topk` by the C kernel ``dprec/kernels/topk.c`` (one pass over each row against
+    the smallest of its k + 1 best so far), or ``None`` where the kernel is not built (``dprec.kernels``) or
+    does not apply (not float32 scores, k + 1 > items). Rows with a tie among their k + 1 best, a NaN or too
+    few unmasked scores are ranked by :func:`reference_masked_topk` itself, as in :func:`grouped_masked_topk`."""
+    b, n = scores.shape
+    if scores.dtype != torch.float32 or b == 0 or not 1 <= k < n:
+        return None
+    kernel = _topk_kernel()
+    if kernel is None:
+        return None
+    s = scores.contiguous()
+    r = rows.to(torch.int64).contiguous()
+    c = cols.to(torch.int64).contiguous()
+    top = torch.empty((b, k), dtype=torch.int64)
+    ok = torch.empty(b, dtype=torch.uint8)
+    status = kernel(s.data_ptr(), b, n, r.data_ptr(), c.data_ptr(), len(r), k, top.data_ptr(), ok.data_ptr())
+    if status == -1:  # pairs not sorted by row, then column
+        order = torch.argsort(r * n + c)
+        r, c = r[order].contiguous(), c[order].contiguous()
+        status = kernel(s.data_ptr(), b, n, r.data_ptr(), c.data_ptr(), len(r), k, top.data_ptr(), ok.data_ptr())
+    if status == -2:  # a pair out of range: the reference raises the error indexing would raise
+        return reference_masked_topk(scores, rows, cols, k)
+    if status != 0:
+        raise RuntimeError(f"masked top-k kernel failed with status {status}")
+    bad = (ok == 0).nonzero().squeeze(1)
+    if len(bad):
+        local = torch.full((b,), -1, dtype=torch.int64)
+        local[bad] = torch.arange(len(bad))
+        keep = local[r] >= 0
+        top[bad] = reference_masked_topk(s[bad], local[r[keep]], c[keep], k)
+    return top
+
+
+def grouped_masked_topk(
     scores: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, k: int, width: int | None = None
 ) -> torch.Tensor:
     """Exactly :func:`reference_masked_topk` (same indices, same order), without copying or
-    writing into ``scores``.
+    writing into ``scores``, in torch operations.
 
     Rows are cut into G strided column groups (group j: columns j, j + G, j + 2G, ...; ``width``
     columns each, default :data:`GROUP_WIDTH`); their maxima, masked items left out, are grouped
