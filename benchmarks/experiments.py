@@ -156,8 +156,12 @@ def run_model(
     features,
     results: Path | None = None,
     cold: dict | None = None,
-) -> dict:
+    points: list[int] | None = None,
+) -> dict | None:
     """Select the search point on validation with the first seed, then train the kept point with every seed.
+
+    ``points`` (1-based, in the order :func:`search_points` lists them): train only these points with the first
+    seed and return ``None``: a search spread over processes, whose result files a later full run reads back.
 
     ``spec`` is the model section plus optional ``search:`` (lists of values), ``modalities_from:`` (feature
     views to give the model) and ``train:`` (this model's overrides of the grid's train section, e.g.
@@ -170,7 +174,9 @@ def run_model(
     feats = {k: v for k, v in features.items() if views is None or k in views}
     names = ",".join(f"{k}={data['features'][k]}" for k in sorted(feats))
     trials = []
-    for point in search_points(spec.get("search", {})):
+    for number, point in enumerate(search_points(spec.get("search", {})), 1):
+        if points and number not in points:
+            continue
         m, t, c = split_point(model, train, point, cold)
         r = train_once(data["dataset"], feats, m, t, seeds[0], ds, names, results, c)
         trials.append((r["valid"]["recall@20"], point, r))
@@ -179,6 +185,8 @@ def run_model(
             f"(best epoch {r['best_epoch']}, {r['seconds']:.0f} s)",
             flush=True,
         )
+    if points:
+        return None
     _, best_point, first = max(trials, key=lambda t: t[0])
     best_model, best_train, best_cold = split_point(model, train, best_point, cold)
     runs = [first] + [
@@ -244,6 +252,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--results", type=Path, help="folder of the per-run result files (default benchmarks/results/<grid name>)"
     )
+    parser.add_argument(
+        "--points",
+        type=int,
+        nargs="+",
+        help="train only these search points (1-based, in grid order) with the first seed and write their result "
+        "files, no selection or summary: a search spread over processes (a later run without it reads them back)",
+    )
     args = parser.parse_args(argv)
     grid = load_yaml(args.grid)
     folder = args.results or Path(__file__).resolve().parent / "results" / args.grid.stem
@@ -264,19 +279,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== {dname}: {ds.n_users} users, {ds.n_items} items, views {sorted(features)}", flush=True)
         rows = []
         for mname, spec in chosen.items():
-            rows.append(
-                run_model(
-                    mname,
-                    merge(spec, data.get("model_overrides", {}).get(mname, {})),
-                    data,
-                    train,
-                    args.seeds,
-                    ds,
-                    features,
-                    folder / dname,
-                    grid.get("cold"),
-                )
+            row = run_model(
+                mname,
+                merge(spec, data.get("model_overrides", {}).get(mname, {})),
+                data,
+                train,
+                args.seeds,
+                ds,
+                features,
+                folder / dname,
+                grid.get("cold"),
+                args.points,
             )
+            if row is not None:
+                rows.append(row)
+        if args.points:
+            continue
         results[dname] = rows
         from dprec.io import atomic_write_text
 

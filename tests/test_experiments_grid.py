@@ -78,6 +78,33 @@ def test_a_train_key_in_the_search_goes_to_the_train_section(experiments, tmp_pa
     assert selected["train.lr"] in (0.002, 0.02) and selected["reg_weight"] == 1e-4
 
 
+def test_search_points_run_apart_are_the_full_runs_files(experiments, tmp_path, monkeypatch):
+    """--points trains only the named points (no selection, no summary); the full run then finds their files."""
+    data = save_dataset(generate(), tmp_path / "synthetic")
+    grid = {
+        "train": {"epochs": 1, "patience": 5, "graph_backend": "torch", "ks": [10, 20]},
+        "datasets": {"syn": {"dataset": str(data)}},
+        "models": {"lightgcn": {"name": "lightgcn", "search": {"reg_weight": [1e-4, 1e-3, 1e-2]}}},
+    }
+    path = tmp_path / "apart.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    args = ["--grid", str(path), "--seeds", "1", "2", "--threads", "1", "--no-mlflow"]
+    args += ["--results", str(tmp_path / "results"), "--out", str(tmp_path / "out")]
+    assert experiments.main(args + ["--points", "1", "3"]) == 0
+    runs = [json.loads(f.read_text()) for f in (tmp_path / "results" / "syn").glob("*.json")]
+    assert sorted(r["config"]["model"]["reg_weight"] for r in runs) == [1e-4, 1e-2]
+    assert {r["seed"] for r in runs} == {1}
+    assert not (tmp_path / "results" / "syn.summary.json").exists()
+    assert experiments.main(args + ["--points", "2"]) == 0
+    trained = []
+    original = experiments.make_trainer
+    monkeypatch.setattr(experiments, "make_trainer", lambda *a, **k: (trained.append(1), original(*a, **k))[1])
+    assert experiments.main(args) == 0
+    assert len(trained) == 1  # only the kept point's second seed: the three search points were read back
+    summary = json.loads((tmp_path / "results" / "syn.summary.json").read_text())["lightgcn"]
+    assert summary["recall@20"]["n"] == 2 and summary["selected"]["reg_weight"] in (1e-4, 1e-3, 1e-2)
+
+
 def test_the_accuracy_verdict_needs_a_margin_above_the_larger_std():
     spec = importlib.util.spec_from_file_location("bench_table", SCRIPT.parent / "accuracy_table.py")
     module = importlib.util.module_from_spec(spec)
