@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         ratio = f"{r['epoch_s'] / base:.1f}" if base else ""
         print(
-            f"| {r['model']} | {r['params']:,} | {r['build_s']:.1f} | {r['epoch_s']:.1f} | {r['eval_s']:.1f} | "
+            f"| {r['model']} | {r['params']:,} | {r['build_s']:.1f} | {r['epoch_s']:.1f} | {r['eval_s']:.2f} | "
             f"{r['peak_mib']:.0f} | {ratio} |"
         )
     return 0

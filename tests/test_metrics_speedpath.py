@@ -374,3 +374,94 @@ def test_blocks_are_ranked_beside_the_scoring(monkeypatch, two_threads):
     reusing = lambda u: torch.index_select(scores, 0, u, out=buffer[: len(u)])  # noqa: E731
     assert evaluate_ranking(reusing, truth, train, ks, block_bytes=4 * 1500 * 8, workers=1) == old
     assert where[0] != main and all(name == main for name in where[1:])  # only the first, checked, block
+
+
+def factor_case(seed: int, n_users: int = 240, n_items: int = 1500, kind: str = "none"):
+    """make_case's users and sets with embeddings instead of a score matrix (scores = users @ items.T)."""
+    train, truth, _ = make_case(seed, n_users, n_items)
+    gen = torch.Generator().manual_seed(seed)
+    users, items = torch.randn(n_users, 16, generator=gen), torch.randn(n_items, 16, generator=gen)
+    if kind == "ties":  # small integers: many equal scores, also at the top-k boundary
+        users, items = users.round().clamp(-1, 1), items.round().clamp(-1, 1)
+    elif kind == "odd":  # NaN and infinite scores in some rows, a zero user (constant row)
+        users[3] = 0.0
+        users[5, 0] = float("nan")
+        items[7, 2] = float("inf")
+        items[11] = float("-inf")
+    return train, truth, users, items
+
+
+@needs_native
+@pytest.mark.parametrize(("seed", "kind"), [(20, "none"), (21, "ties"), (22, "odd")])
+def test_streamed_topk_equals_topk_of_the_masked_product(seed, kind):
+    train, truth, users, items = factor_case(seed, kind=kind)
+    rows, cols = (torch.from_numpy(a) for a in train.rows_cols(np.arange(len(users))))
+    scores = users @ items.T
+    for k in (1, 10, 50):
+        expected = reference_masked_topk(scores, rows, cols, k)
+        for tile in (None, 1, 64, 100, 1470, 1500):  # 1: raised to MIN_TILE; 1470: the last 30 join the first tile
+            got = metrics.factored_masked_topk(users, items, rows, cols, k, tile=tile)
+            assert torch.equal(got, expected), (k, tile)
+        for order in (
+            torch.randperm(len(items), generator=torch.Generator().manual_seed(k)),
+            items.norm(dim=1).argsort(),
+        ):
+            got = metrics.factored_masked_topk(
+                users, items[order], rows, cols, k, order=order
+            )  # items in another order
+            assert torch.equal(got, expected), k
+    shuffled = torch.from_numpy(np.random.default_rng(seed).permutation(len(rows)))
+    got = metrics.factored_masked_topk(users, items, rows[shuffled], cols[shuffled], 50)
+    assert torch.equal(got, reference_masked_topk(scores, rows, cols, 50))  # unsorted pairs
+    with pytest.raises(IndexError):
+        metrics.factored_masked_topk(users, items, torch.tensor([0]), torch.tensor([1500]), 5)
+    assert metrics.factored_masked_topk(users.double(), items.double(), rows, cols, 5) is None
+
+
+@needs_native
+def test_tiles_of_the_product_are_the_products_columns():
+    """What the streamed evaluation assumes of the BLAS: a tile's products are the whole product's, bit for bit."""
+    gen = torch.Generator().manual_seed(23)
+    for b, n, d in ((512, 7050, 64), (57, 18357, 64), (512, 3000, 192), (3, 100, 8), (240, 1500, 16)):
+        users, items = torch.randn(b, d, generator=gen), torch.randn(n, d, generator=gen)
+        whole = users @ items.T
+        for width in (1, metrics.STREAM_TILE_BYTES // (4 * b), 100):
+            bounds = metrics.tile_bounds(n, width)
+            assert min(np.diff(bounds)) >= min(n, metrics.MIN_TILE) and bounds[0] == 0 and bounds[-1] == n
+            tiles = torch.cat([users @ items[a:z].T for a, z in zip(bounds[:-1], bounds[1:], strict=True)], 1)
+            assert torch.equal(tiles, whole), (b, n, d, width)
+
+
+@needs_native
+@pytest.mark.parametrize(("seed", "kind"), [(24, "none"), (25, "ties"), (26, "odd")])
+def test_streamed_evaluation_sums_identical_to_the_old_algorithm(seed, kind, two_threads, monkeypatch):
+    train, truth, users, items = factor_case(seed, kind=kind)
+    scored = []
+
+    def score_fn(u):
+        scored.append(len(u))
+        return users[u] @ items.T
+
+    ks = (1, 10, 20, 50)
+    monkeypatch.setattr(metrics, "STREAM_USERS", 16)  # many blocks: the workers take some
+    for chunk_size, workers in [(2048, None), (2048, 0), (37, 1), (37, 2)]:
+        old = old_evaluate_ranking(lambda u: users[u] @ items.T, truth, train, ks, chunk_size=chunk_size)
+        new = evaluate_ranking(
+            score_fn, truth, train, ks, chunk_size=chunk_size, workers=workers, factors=(users, items)
+        )
+        assert new == old, (chunk_size, workers)
+    assert scored == []  # the streamed path never asks for a score block
+    assert torch.get_num_threads() == 2
+
+
+def test_without_the_kernel_the_factors_are_ignored(monkeypatch, two_threads):
+    train, truth, users, items = factor_case(27)
+    monkeypatch.setattr(kernels, "_loaded", {})
+    monkeypatch.setenv("DPREC_NATIVE", "0")
+    ks = (10, 20)
+    old = old_evaluate_ranking(lambda u: users[u] @ items.T, truth, train, ks)
+    assert evaluate_ranking(lambda u: users[u] @ items.T, truth, train, ks, factors=(users, items)) == old
+    monkeypatch.setattr(kernels, "_loaded", {})
+    monkeypatch.delenv("DPREC_NATIVE")
+    wide = (users.double(), items.double())  # not float32: the score blocks, whatever the kernel
+    assert evaluate_ranking(lambda u: (users[u] @ items.T).double(), truth, train, ks, factors=wide) == old

@@ -39,27 +39,38 @@ static inline int any4(v4i x) {
     return any != 0;
 }
 
-/* The k-th largest (0-based) of a[0 .. n) (no NaN), reordering a: Hoare's selection. */
-static float kth_largest(float *a, int64_t n, int64_t k) {
-    int64_t lo = 0, hi = n - 1;
+/* Reorder v (and ix, unless NULL) so that the kk largest come first, v[kk - 1] the kk-th largest: Hoare's
+ * selection (no NaN in v). */
+static void select_largest(float *v, int64_t *ix, int64_t n, int64_t kk) {
+    int64_t lo = 0, hi = n - 1, k = kk - 1;
     while (lo < hi) {
-        float pivot = a[lo + (hi - lo) / 2];
+        float pivot = v[lo + (hi - lo) / 2];
         int64_t i = lo, j = hi;
         while (i <= j) {
-            while (a[i] > pivot) i++;
-            while (a[j] < pivot) j--;
+            while (v[i] > pivot) i++;
+            while (v[j] < pivot) j--;
             if (i <= j) {
-                float x = a[i];
-                a[i] = a[j];
-                a[j] = x;
+                float x = v[i];
+                v[i] = v[j];
+                v[j] = x;
+                if (ix) {
+                    int64_t y = ix[i];
+                    ix[i] = ix[j];
+                    ix[j] = y;
+                }
                 i++;
                 j--;
             }
         }
         if (k <= j) hi = j;
         else if (k >= i) lo = i;
-        else return a[k];
+        else return;
     }
+}
+
+/* The k-th largest (0-based) of a[0 .. n) (no NaN), reordering a. */
+static float kth_largest(float *a, int64_t n, int64_t k) {
+    select_largest(a, NULL, n, k + 1);
     return a[k];
 }
 
@@ -215,5 +226,109 @@ int64_t dprec_masked_topk_f32(const float *scores, int64_t b, int64_t n, const i
     free(hv);
     free(hi);
     free(cmax);
+    return 0;
+}
+
+/* ---- Streaming: the masked top-k of rows that arrive in column tiles (scores computed tile by tile) ----
+ *
+ * Each row keeps a buffer of up to CAPACITY (k + 1) candidates (value, column) and a threshold thr (-inf at first): a
+ * tile's scores above thr are looked up in the row's masked columns and appended; a full buffer is cut to its
+ * k + 1 best (Hoare's selection) and thr becomes the smallest of them. Every score that can be among the row's
+ * k + 1 best is above thr when it arrives, or equal to it (then a tie at the (k+1)-th place, which does not decide
+ * the top k), so the buffer ends holding the row's k + 1 best. dprec_topk_finish then decides the rows as
+ * dprec_masked_topk_f32 does. An unmasked NaN marks the row bad (left to the caller).
+ *
+ * Tile column j is the row's column columns[col0 + j] (NULL: col0 + j): the columns may come in any order (the
+ * caller sends the items of large norm first, so that the threshold rises early). State per row r:
+ * cv[r * cap .. + cap), ci[...] with cap = dprec_topk_capacity(k), count[r], thr[r], bad[r]: the caller allocates
+ * it and sets count 0, thr -inf, bad 0.
+ */
+
+#define CAPACITY 2
+
+/* Candidates kept per row by the streaming functions: CAPACITY (k + 1). */
+int64_t dprec_topk_capacity(int64_t k) { return CAPACITY * (k + 1); }
+
+
+int64_t dprec_topk_feed_f32(const float *tile, int64_t b, int64_t t, int64_t col0, int64_t n, const int64_t *columns,
+                            const int64_t *mrows, const int64_t *mcols, int64_t m, int64_t k, float *cv, int64_t *ci,
+                            int64_t *count,
+                            float *thr, uint8_t *bad) {
+    int64_t kk = k + 1, cap = CAPACITY * kk;
+    if (k < 1 || kk > n || col0 < 0 || col0 + t > n) return -3;
+    for (int64_t q = 0; q < m; q++) {
+        if (mrows[q] < 0 || mrows[q] >= b || mcols[q] < 0 || mcols[q] >= n) return -2;
+        if (q && (mrows[q] < mrows[q - 1] || (mrows[q] == mrows[q - 1] && mcols[q] < mcols[q - 1]))) return -1;
+    }
+    int64_t p = 0;
+    for (int64_t r = 0; r < b; r++) {
+        const float *row = tile + r * t;
+        int64_t p0 = p;
+        while (p < m && mrows[p] == r) p++;
+        if (bad[r]) continue;
+        const int64_t *mc = mcols + p0;
+        int64_t nm = p - p0, c = count[r];
+        float th = thr[r];
+        float *v = cv + r * cap;
+        int64_t *ix = ci + r * cap;
+        v4f th4 = {th, th, th, th};
+        for (int64_t j = 0; j < t && !bad[r]; j += 4) {
+            int64_t lanes = j + 4 <= t ? 4 : t - j;
+            if (lanes == 4 && !any4(~(load4(row + j) <= th4))) continue;
+            for (int64_t i = j; i < j + lanes; i++) {
+                float x = row[i];
+                if (x <= th) continue;
+                int64_t col = columns ? columns[col0 + i] : col0 + i;
+                if (is_masked(mc, nm, col)) continue;
+                if (x != x) {
+                    bad[r] = 1;
+                    break;
+                }
+                v[c] = x;
+                ix[c] = col;
+                if (++c == cap) { /* keep the k + 1 best; the threshold rises to the smallest of them */
+                    select_largest(v, ix, c, kk);
+                    c = kk;
+                    th = v[0];
+                    for (int64_t q = 1; q < kk; q++) th = v[q] < th ? v[q] : th;
+                    th4 = (v4f){th, th, th, th};
+                }
+            }
+        }
+        count[r] = c;
+        thr[r] = th;
+    }
+    return 0;
+}
+
+int64_t dprec_topk_finish(int64_t b, int64_t k, float *cv, int64_t *ci, const int64_t *count, const uint8_t *bad,
+                          int64_t *out, uint8_t *ok) {
+    int64_t kk = k + 1, cap = CAPACITY * kk;
+    if (k < 1) return -3;
+    for (int64_t r = 0; r < b; r++) {
+        float *v = cv + r * cap;
+        int64_t *ix = ci + r * cap;
+        int64_t c = count[r];
+        ok[r] = 0;
+        if (bad[r] || c < kk) continue;
+        if (c > kk) select_largest(v, ix, c, kk);
+        for (int64_t i = 1; i < kk; i++) { /* insertion sort, descending */
+            float x = v[i];
+            int64_t y = ix[i];
+            int64_t j = i;
+            while (j > 0 && v[j - 1] < x) {
+                v[j] = v[j - 1];
+                ix[j] = ix[j - 1];
+                j--;
+            }
+            v[j] = x;
+            ix[j] = y;
+        }
+        int strict = v[kk - 1] > -INFINITY;
+        for (int64_t i = 0; i + 1 < kk && strict; i++) strict = v[i] > v[i + 1];
+        if (!strict) continue;
+        for (int64_t i = 0; i < k; i++) out[r * k + i] = ix[i];
+        ok[r] = 1;
+    }
     return 0;
 }

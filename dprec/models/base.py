@@ -88,6 +88,15 @@ class Recommender(nn.Module, ABC):
         user_all, item_all = self._eval_cache
         return user_all[users] @ item_all.T
 
+    def score_factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(users x d, items x d) whose products are :meth:`full_sort_predict`'s scores, so that an evaluation
+        can compute them tile by tile; ``None`` where a subclass scores otherwise."""
+        if type(self).full_sort_predict is not Recommender.full_sort_predict:
+            return None
+        if getattr(self, "_eval_cache", None) is None:
+            self.prepare_eval()
+        return self._eval_cache
+
 
 def bpr_loss(pos_scores: torch.Tensor, neg_scores: torch.Tensor) -> torch.Tensor:
     """Mean of -log sigmoid(s_pos - s_neg) (softplus form, numerically stable)."""

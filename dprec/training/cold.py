@@ -198,6 +198,7 @@ class ColdStartTrainer(Trainer):
             ks=self.cfg.train.ks,
             chunk_size=chunk_size or self.cfg.train.eval_chunk_size,
             users=users[self.rank :: self.world],
+            factors=(users_emb, scored),
         )
         return self.reduce_sums(sums)
 

@@ -289,6 +289,7 @@ class Trainer:
             ks=self.cfg.train.ks,
             chunk_size=chunk_size or self.cfg.train.eval_chunk_size,
             users=users[self.rank :: self.world],
+            factors=self.model.score_factors(),
         )
         return self.reduce_sums(sums)
 

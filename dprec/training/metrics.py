@@ -14,8 +14,12 @@ each averaged over the evaluated users. :func:`evaluate_ranking` returns per-met
 sums; :func:`finalize` turns sums into means. Reference: X. Zhou, "MMRec: Simplifying Multimodal
 Recommendation" (2023).
 
-Speed: users are scored in blocks of a few MiB of scores (cache-sized, never more than
-``chunk_size`` users) and the sums are added per ``chunk_size`` users exactly as before. The
+Speed: where the scores are products of user and item embeddings (``factors``, every model here)
+and the C kernel is built, no score block is held: blocks of users are scored a cache-sized tile
+of items at a time and each tile is ranked by a streaming top-k while it is in the cache, every
+thread taking whole blocks. Otherwise users are scored in blocks of a few MiB of scores
+(cache-sized, never more than ``chunk_size`` users). Either way the sums are added per
+``chunk_size`` users exactly as before. The
 masked top-k of a block (:func:`masked_topk`) neither copies nor writes the scores and returns
 exactly what ``torch.topk`` of the masked scores returns: a C kernel (``dprec/kernels/topk.c``,
 compiled on first use) scans each row once against the smallest of its k+1 best so far; without a
@@ -49,6 +53,14 @@ DEFAULT_KS = (10, 20, 50)
 SCORE_BLOCK_BYTES = 4 * 2**20
 """Float32 scores per ``score_users`` call of :func:`evaluate_ranking` by default: a few times a
 core's L2 cache, so the matmul writes them into the cache and the top-k reads them from there."""
+STREAM_TILE_BYTES = 512 * 2**10
+"""Float32 scores per tile of :func:`factored_masked_topk`: a core's L2 cache, where the product writes them
+and the kernel reads them."""
+MIN_TILE = 64
+"""Fewest items per tile: products of a few columns take another BLAS path (matrix-vector), whose sums may differ
+in the last bit from the whole product's."""
+STREAM_USERS = 512
+"""Users per block of :func:`evaluate_ranking` when it computes the scores tile by tile."""
 GROUP_WIDTH = 8
 """Columns per group in :func:`masked_topk`."""
 COARSE_GROUPS = 3
@@ -161,6 +173,117 @@ def native_masked_topk(scores: torch.Tensor, rows: torch.Tensor, cols: torch.Ten
     return top
 
 
+def _stream_kernels():
+    lib = kernels.load("topk")
+    if lib is None:
+        return None
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    feed, finish, capacity = lib.dprec_topk_feed_f32, lib.dprec_topk_finish, lib.dprec_topk_capacity
+    feed.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, ptr]
+    finish.argtypes = [i64, i64, ptr, ptr, ptr, ptr, ptr, ptr]
+    capacity.argtypes = [i64]
+    feed.restype = finish.restype = capacity.restype = i64
+    return feed, finish, capacity
+
+
+def streaming_available(user_emb: torch.Tensor, item_emb: torch.Tensor, k: int) -> bool:
+    """Can :func:`factored_masked_topk` rank these embeddings (float32 on the CPU, k < items, kernel built)?"""
+    return (
+        user_emb.dtype == item_emb.dtype == torch.float32
+        and user_emb.device.type == item_emb.device.type == "cpu"
+        and user_emb.dim() == item_emb.dim() == 2
+        and user_emb.shape[1] == item_emb.shape[1]
+        and 1 <= k < item_emb.shape[0]
+        and _stream_kernels() is not None
+    )
+
+
+def tile_bounds(n: int, width: int) -> list[int]:
+    """Column bounds of the tiles of :func:`factored_masked_topk`: ``width`` (at least :data:`MIN_TILE`)
+    columns each, a narrower last tile joined to the one before."""
+    width = max(MIN_TILE, width)
+    bounds = list(range(0, n, width)) + [n]
+    if len(bounds) > 2 and bounds[-1] - bounds[-2] < MIN_TILE:
+        del bounds[-2]
+    return bounds
+
+
+def factored_masked_topk(
+    user_emb: torch.Tensor,
+    item_emb: torch.Tensor,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    k: int,
+    tile: int | None = None,
+    order: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """:func:`reference_masked_topk` of the scores ``user_emb @ item_emb.T`` without holding them: the
+    product is taken ``tile`` items at a time (default: :data:`STREAM_TILE_BYTES` of scores, a core's L2
+    cache; at least :data:`MIN_TILE`) and each tile goes through the streaming kernel of ``dprec/kernels/topk.c`` while it is in the
+    cache. Rows with a tie among their k + 1 best, a NaN or too few unmasked scores are ranked by
+    :func:`reference_masked_topk` on their whole score rows. ``None`` where :func:`streaming_available`
+    is false. ``order`` (a permutation of the items): ``item_emb``'s row j is item ``order[j]`` (ranks,
+    masks and the result speak of items); items of large norm first raise each row's threshold early. The tiles' products are the whole product's, column by column, where the BLAS sums each
+    dot product in the same order whatever the number of columns (checked here: ``tests/test_metrics_speedpath.py``).
+    """
+    if not streaming_available(user_emb, item_emb, k) or len(user_emb) == 0:
+        return None
+    feed, finish, capacity = _stream_kernels()
+    b, n = user_emb.shape[0], item_emb.shape[0]
+    u, items = user_emb.contiguous(), item_emb.contiguous()
+    r, c = rows.to(torch.int64).contiguous(), cols.to(torch.int64).contiguous()
+    values = torch.empty((b, capacity(k)), dtype=torch.float32)
+    columns = torch.empty((b, capacity(k)), dtype=torch.int64)
+    count = torch.zeros(b, dtype=torch.int64)
+    threshold = torch.full((b,), -torch.inf, dtype=torch.float32)
+    bad = torch.zeros(b, dtype=torch.uint8)
+    state = [t.data_ptr() for t in (values, columns, count, threshold, bad)]
+    if order is not None:
+        order = order.to(torch.int64).contiguous()
+        if order.shape != (n,):
+            raise ValueError(f"order has shape {tuple(order.shape)}, expected ({n},)")
+    column_of = order.data_ptr() if order is not None else None
+    bounds = tile_bounds(n, tile or STREAM_TILE_BYTES // (4 * b))
+    width = bounds[1] - bounds[0]
+    buffer = torch.empty((b, min(width, n)), dtype=torch.float32)
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        part = items[start:end]
+        out = buffer if len(part) == buffer.shape[1] else torch.empty((b, len(part)), dtype=torch.float32)
+        torch.mm(u, part.T, out=out)
+        status = feed(out.data_ptr(), b, len(part), start, n, column_of, r.data_ptr(), c.data_ptr(), len(r), k, *state)
+        if status == -1:  # pairs not sorted by row, then column: checked before any row, so the state is untouched
+            by_row = torch.argsort(r * n + c)
+            r, c = r[by_row].contiguous(), c[by_row].contiguous()
+            status = feed(
+                out.data_ptr(), b, len(part), start, n, column_of, r.data_ptr(), c.data_ptr(), len(r), k, *state
+            )
+        if status == -2:  # a pair out of range: the reference raises the error indexing would raise
+            return reference_masked_topk(_item_order_scores(u, items, order), rows, cols, k)
+        if status != 0:
+            raise RuntimeError(f"streaming top-k kernel failed with status {status}")
+    top = torch.empty((b, k), dtype=torch.int64)
+    ok = torch.empty(b, dtype=torch.uint8)
+    finish(b, k, values.data_ptr(), columns.data_ptr(), count.data_ptr(), bad.data_ptr(), top.data_ptr(), ok.data_ptr())
+    failed = (ok == 0).nonzero().squeeze(1)
+    if len(failed):
+        local = torch.full((b,), -1, dtype=torch.int64)
+        local[failed] = torch.arange(len(failed))
+        keep = local[r] >= 0
+        scores = _item_order_scores(u.index_select(0, failed), items, order)
+        top[failed] = reference_masked_topk(scores, local[r[keep]], c[keep], k)
+    return top
+
+
+def _item_order_scores(users: torch.Tensor, items: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
+    """``users @ items.T`` with its columns put back in item order where ``items`` come in ``order``."""
+    scores = users @ items.T
+    if order is None:
+        return scores
+    out = torch.empty_like(scores)
+    out[:, order] = scores
+    return out
+
+
 def grouped_masked_topk(
     scores: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, k: int, width: int | None = None
 ) -> torch.Tensor:
@@ -249,7 +372,29 @@ def ranked_hits(
     """(len(users) x k) bool: is the item at each rank of each user's top k (``train_mask`` items
     masked) one of the user's ``truth`` items. ``scores`` (len(users) x n_items) is only read."""
     rows, cols = (torch.from_numpy(a) for a in train_mask.rows_cols(users))
-    top = masked_topk(scores, rows, cols, k).numpy()
+    return hits_of_top(masked_topk(scores, rows, cols, k).numpy(), users, truth)
+
+
+def factored_hits(
+    user_emb: torch.Tensor,
+    item_emb: torch.Tensor,
+    users: np.ndarray,
+    truth: UserItemSets,
+    train_mask: UserItemSets,
+    k: int,
+    order: torch.Tensor | None = None,
+) -> np.ndarray:
+    """:func:`ranked_hits` of the scores ``user_emb[users] @ item_emb.T``, computed tile by tile
+    (:func:`factored_masked_topk`, with its ``order``); the C kernel must be available."""
+    rows, cols = (torch.from_numpy(a) for a in train_mask.rows_cols(users))
+    top = factored_masked_topk(user_emb.index_select(0, torch.from_numpy(users)), item_emb, rows, cols, k, order=order)
+    if top is None:
+        raise RuntimeError("the streaming top-k needs the C kernel and float32 CPU embeddings")
+    return hits_of_top(top.numpy(), users, truth)
+
+
+def hits_of_top(top: np.ndarray, users: np.ndarray, truth: UserItemSets) -> np.ndarray:
+    """(len(users) x k) bool: is ``top[r, j]`` one of user ``users[r]``'s ``truth`` items (binary search)."""
     rows, cols = truth.rows_cols(users)
     keys = rows * truth.n_items + cols  # sorted: rows_cols lists the pairs row by row, items sorted
     query = (np.arange(len(users))[:, None] * truth.n_items + top).ravel()
@@ -267,12 +412,19 @@ def evaluate_ranking(
     users: np.ndarray | None = None,
     block_bytes: int | None = None,
     workers: int | None = None,
+    factors: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Rank all items for the users that have truth items; return metric sums and ``n_users``.
 
     ``score_users(user_idx)`` returns a (len(user_idx) x n_items) score tensor, which is only read.
     ``users`` restricts evaluation to a subset (one rank's slice); default: every user with truth.
     Use :func:`finalize` to turn the sums into means.
+
+    ``factors`` = (user embeddings, item embeddings) whose products are ``score_users``' scores (a
+    model's ``score_factors()``): where :func:`streaming_available`, no score block is held at all.
+    Blocks of :data:`STREAM_USERS` users are scored a cache-sized tile of items at a time, each tile
+    ranked while it is in the cache (:func:`factored_masked_topk`), and every thread (the calling one
+    and ``workers``, default T - 1, one intra-op thread each) takes whole blocks. Otherwise:
 
     Users are scored in blocks of at most ``chunk_size`` users and ``block_bytes`` of float32
     scores (default :data:`SCORE_BLOCK_BYTES`); the sums are added up per ``chunk_size`` users, in
@@ -296,6 +448,19 @@ def evaluate_ranking(
     max_k = max(ks)
     if max_k > n_items:
         raise ValueError(f"K={max_k} exceeds the number of items ({n_items})")
+    if factors is not None and streaming_available(factors[0], factors[1], max_k):
+        user_emb, item_emb = factors
+        order = torch.argsort(item_emb.norm(dim=1), descending=True, stable=True)  # large norms first
+        ordered = item_emb.index_select(0, order)
+        return _every_thread_ranks(
+            lambda part: factored_hits(user_emb, ordered, part, truth, train_mask, max_k, order),
+            users,
+            truth,
+            ks,
+            chunk_size,
+            min(chunk_size, STREAM_USERS),
+            workers,
+        )
     block = max(1, min(chunk_size, (block_bytes or SCORE_BLOCK_BYTES) // (4 * n_items)))
     threads = torch.get_num_threads()
     workers = threads // 2 if workers is None else workers
@@ -309,11 +474,7 @@ def evaluate_ranking(
     chunks: deque[tuple[np.ndarray, list]] = deque()  # (users, per-block hits or futures), not yet summed
 
     def add_oldest_chunk() -> None:
-        chunk, parts = chunks.popleft()
-        hits = np.concatenate([p if isinstance(p, np.ndarray) else p.result() for p in parts])
-        n_truth = torch.from_numpy(truth.sizes()[chunk])
-        for name, value in hit_metrics_sums(torch.from_numpy(hits).to(torch.float64), n_truth, ks).items():
-            sums[name] += value
+        _add_chunk(*chunks.popleft(), truth, ks, sums)
 
     pending: deque[tuple[torch.Tensor, Future]] = deque()  # blocks given to the workers, oldest first
     overlap = None  # may a block be ranked while the next is scored? known at the second block
@@ -359,6 +520,69 @@ def evaluate_ranking(
                 pool.shutdown(cancel_futures=True)
         if restore_threads:  # also the default of threads started later, which the workers changed
             torch.set_num_threads(threads)
+    sums["n_users"] = float(len(users))
+    return sums
+
+
+def _add_chunk(chunk: np.ndarray, parts: list, truth: UserItemSets, ks: Sequence[int], sums: dict) -> None:
+    """Add the metric sums of one chunk of users, from its blocks' hits (arrays or futures of them)."""
+    hits = np.concatenate([p if isinstance(p, np.ndarray) else p.result() for p in parts])
+    n_truth = torch.from_numpy(truth.sizes()[chunk])
+    for name, value in hit_metrics_sums(torch.from_numpy(hits).to(torch.float64), n_truth, ks).items():
+        sums[name] += value
+
+
+def _every_thread_ranks(
+    work: Callable[[np.ndarray], np.ndarray],
+    users: np.ndarray,
+    truth: UserItemSets,
+    ks: Sequence[int],
+    chunk_size: int,
+    block: int,
+    workers: int | None,
+) -> dict[str, float]:
+    """Metric sums of ``work(block users) -> hits`` over ``users``, in blocks that the calling thread and
+    ``workers`` threads (default T - 1) take whole, each with one intra-op thread; sums per chunk, in order.
+    Stop signals are held as in :func:`evaluate_ranking`."""
+    threads = torch.get_num_threads()
+    workers = threads - 1 if workers is None else workers
+    sums = {name: 0.0 for name in metric_names(ks)}
+    chunks: deque[tuple[np.ndarray, list]] = deque()
+
+    def add_done_chunks(everything: bool = False) -> None:
+        while chunks and (
+            everything or len(chunks) > 1 and all(isinstance(p, np.ndarray) or p.done() for p in chunks[0][1])
+        ):
+            _add_chunk(*chunks.popleft(), truth, ks, sums)
+
+    pool = None
+    try:
+        if workers > 0 and threads > 1 and len(users) > block:
+            with deferred_signals():
+                pool = ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,))
+            torch.set_num_threads(1)
+        pending: deque[Future] = deque()
+        for start in range(0, len(users), chunk_size):
+            chunk = users[start : start + chunk_size]
+            chunks.append((chunk, []))
+            for block_start in range(0, len(chunk), block):
+                part = chunk[block_start : block_start + block]
+                with deferred_signals():  # never inside the pool's locks; this thread's own block in one piece
+                    while pending and pending[0].done():
+                        pending.popleft()
+                    if pool is not None and len(pending) < 2 * workers:
+                        pending.append(pool.submit(work, part))
+                        chunks[-1][1].append(pending[-1])
+                    else:  # the workers have enough to do (or there are none): this thread takes the block
+                        chunks[-1][1].append(work(part))
+                add_done_chunks()
+        with deferred_signals():
+            add_done_chunks(everything=True)
+    finally:
+        if pool is not None:
+            with deferred_signals():
+                pool.shutdown(cancel_futures=True)
+            torch.set_num_threads(threads)  # also the default of threads started later, which the workers changed
     sums["n_users"] = float(len(users))
     return sums
 

@@ -3,7 +3,8 @@
 The signal is held while a block is scored and handed to the pool and raised between blocks
 (``dprec.training.metrics.evaluate_ranking``): raised inside the executor's locks it could leave one
 held, and the pool's shutdown (and the interpreter's exit, which joins the workers) would wait forever.
-A child process evaluates in a loop with two ranking workers; it is stopped at a different moment of
+A child process evaluates in a loop with a worker thread (scoring blocks while it ranks, or, streamed, both in
+every thread); it is stopped at a different moment of
 its evaluation each time and must exit with 128 + the signal within seconds, every time.
 """
 
@@ -44,7 +45,8 @@ metrics.ThreadPoolExecutor = counting
 try:
     with stop_on_signals():
         for i in range(10**6):
-            evaluate_ranking(lambda u: user_emb[u] @ item_emb.T, truth, mask, block_bytes=1 << 18, workers=1)
+            evaluate_ranking(lambda u: user_emb[u] @ item_emb.T, truth, mask, block_bytes=1 << 18, workers=1,
+                             factors=(user_emb, item_emb) if sys.argv[1] == "streamed" else None)
             if i == 0:
                 assert pooled, "the evaluation did not use its worker threads"
                 print("evaluating", flush=True)
@@ -55,11 +57,12 @@ except Interrupted as exc:
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_a_signal_during_a_threaded_evaluation_ends_the_process(signum):
+@pytest.mark.parametrize("path", ["score-blocks", "streamed"])
+def test_a_signal_during_a_threaded_evaluation_ends_the_process(signum, path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
     for delay in (0.0, 0.013, 0.031, 0.057, 0.11):  # different moments of the evaluation loop
         proc = subprocess.Popen(
-            [sys.executable, "-c", CHILD], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            [sys.executable, "-c", CHILD, path], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
         try:
             assert proc.stdout.readline().strip() == "evaluating", proc.stderr.read()
