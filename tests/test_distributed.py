@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import psutil
 import pytest
@@ -24,7 +25,8 @@ from dprec.config import ConfigError
 from dprec.data.dataset import save_dataset
 from dprec.data.synthetic import SyntheticSpec, generate
 from dprec.training.config import RunConfig, TrainConfig
-from dprec.training.distributed import complete_deepspeed_config
+from dprec.training.distributed import DeepSpeedTrainer, complete_deepspeed_config
+from dprec.training.loop import FitState
 
 ROOT = Path(__file__).resolve().parents[1]
 DEEPSPEED = Path(sys.executable).parent / "deepspeed"
@@ -216,3 +218,36 @@ def test_killed_rank_fails_the_launcher_and_resume_matches(run_config, two_proce
     assert runs[0].info.status == "FINISHED"
     assert runs[0].data.metrics["test_recall_at_20"] == pytest.approx(test_metrics(resumed)["recall@20"])
     assert summary(resumed)["registration"]["alias"] == "champion"
+
+
+def test_latest_names_an_epoch_checkpoint_only_after_every_rank_wrote_it(tmp_path):
+    """DeepSpeed's rank 0 writes 'latest' before the barrier that waits for the other ranks' optimizer shards (a rank
+    killed there left 'latest' naming a cut-short checkpoint): epoch checkpoints are saved without it, and rank 0
+    names the tag once the save (which ends with that barrier) has returned."""
+    seen = []
+
+    class Engine:
+        def save_checkpoint(self, save_dir, tag, client_state, save_latest=True):
+            latest = Path(save_dir) / "latest"
+            seen.append((tag, save_latest, latest.read_text() if latest.exists() else None))
+            (Path(save_dir) / tag).mkdir(parents=True)
+
+    for rank in (0, 1):
+        folder = tmp_path / f"rank{rank}"
+        folder.mkdir()
+        trainer = object.__new__(DeepSpeedTrainer)  # the checkpoint step alone: no engine, no process group
+        trainer.engine, trainer.checkpoint_dir, trainer.save_every, trainer.rank = Engine(), folder, 1, rank
+        trainer.cfg, trainer.best_state = SimpleNamespace(train=SimpleNamespace(epochs=5)), None
+        seen.clear()
+        trainer.on_epoch_end(FitState(next_epoch=1), improved=False)
+        trainer.on_epoch_end(FitState(next_epoch=2), improved=True)
+        assert [(tag, save_latest) for tag, save_latest, _ in seen] == [
+            ("epoch-0000", False),
+            ("best", False),
+            ("epoch-0001", False),
+        ]
+        if rank == 0:
+            assert [before for *_, before in seen] == [None, "epoch-0000", "epoch-0000"]  # named after each save
+            assert (folder / "latest").read_text() == "epoch-0001"
+        else:
+            assert not (folder / "latest").exists()  # rank 0 alone names it

@@ -7,7 +7,9 @@ partitions the optimizer state (ZeRO stage from the JSON). Evaluation is split o
 users and the metric sums are all-reduced. All ranks save checkpoints; only rank 0 logs.
 
 Checkpoints (DeepSpeed format, ``<out>/checkpoints``): tag ``epoch-NNNN`` every ``save_every``
-epochs and at the end, tag ``best`` when validation improves (without moving ``latest``). The
+epochs and at the end, tag ``best`` when validation improves (without moving ``latest``);
+``latest`` is written by rank 0 (atomically) once every rank has written the tag's files, so a
+rank killed while saving leaves it naming the previous, complete checkpoint. The
 client state carries the loop state (with the tracking run id) and the best weights, so
 :meth:`DeepSpeedTrainer.resume` continues from ``latest`` and reaches the same result as an
 uninterrupted run. Reference: Rajbhandari et al., "ZeRO: Memory Optimizations Toward Training
@@ -46,6 +48,7 @@ import torch.distributed as dist
 
 from dprec.config import ConfigError, DPRecError
 from dprec.data.dataset import Dataset
+from dprec.io import atomic_write_text
 from dprec.training.config import RunConfig
 from dprec.training.loop import FitState, Trainer
 
@@ -316,9 +319,15 @@ class DeepSpeedTrainer(Trainer):
             )
         last = state.stopped or state.next_epoch >= self.cfg.train.epochs
         if (epoch + 1) % self.save_every == 0 or last:
+            tag = f"epoch-{epoch:04d}"
+            # DeepSpeed's rank 0 writes 'latest' before the closing barrier, while other ranks may still be writing
+            # their optimizer shards: a rank killed then left 'latest' naming a cut-short checkpoint. The call returns
+            # after that barrier (every rank has written its files), and only then does 'latest' name the tag.
             self.engine.save_checkpoint(
-                str(self.checkpoint_dir), tag=f"epoch-{epoch:04d}", client_state=self.client_state(state)
+                str(self.checkpoint_dir), tag=tag, client_state=self.client_state(state), save_latest=False
             )
+            if self.rank == 0:
+                atomic_write_text(self.checkpoint_dir / "latest", tag)
 
     def check_loss(self, loss: torch.Tensor, epoch: int) -> None:
         """A non-finite loss on any rank stops every rank at the same step (one message, from rank 0)."""
