@@ -16,21 +16,21 @@ Recommendation" (2023).
 
 Speed: where the scores are products of user and item embeddings (``factors``, every model here)
 and the C kernel is built, no score block is held: blocks of users are scored a cache-sized tile
-of items at a time and each tile is ranked by a streaming top-k while it is in the cache, every
-thread taking whole blocks. Otherwise users are scored in blocks of a few MiB of scores
-(cache-sized, never more than ``chunk_size`` users). Either way the sums are added per
-``chunk_size`` users exactly as before. The
-masked top-k of a block (:func:`masked_topk`) neither copies nor writes the scores and returns
-exactly what ``torch.topk`` of the masked scores returns: a C kernel (``dprec/kernels/topk.c``,
-compiled on first use) scans each row once against the smallest of its k+1 best so far; without a
-C compiler, torch operations find a few candidates per row from column-group maxima. Hits are looked up in the truth pairs of the block's users (binary
-search), not in a dense truth matrix. With two or more intra-op threads, blocks are ranked in
-worker threads while the calling thread scores the next ones.
+of items at a time, items in descending order of norm, and each tile is ranked by a streaming
+top-k (:func:`factored_masked_topk`) while it is in the cache, every thread taking whole blocks.
+Otherwise users are scored in blocks of a few MiB of scores (cache-sized, never more than
+``chunk_size`` users), ranked by :func:`masked_topk`, which neither copies nor writes the scores:
+a C kernel (``dprec/kernels/topk.c``, compiled on first use) bounds each row's (k+1)-th best from
+chunk maxima and heaps the few scores above; without a C compiler, torch operations find a few
+candidates per row from column-group maxima. With two or more intra-op threads, those blocks are
+ranked in worker threads while the calling thread scores the next ones. Either way hits are looked
+up in the truth pairs of the block's users (binary search), not in a dense truth matrix, and the
+sums are added per ``chunk_size`` users exactly as before.
 
 Ties: ``torch.topk`` on CPU keeps (value, index) pairs and selects with ``std::partial_sort``
 (k * 64 <= n_items) or ``std::nth_element`` + ``std::sort`` with a comparator on the value alone,
 so which of several equal scores are kept, and their order, depends on the heap / partition
-order, not on the item index. :func:`masked_topk` only decides rows whose k+1 best scores are all
+order, not on the item index. The fast paths only decide rows whose k+1 best scores are all
 different (then the result is unique); any row with a tie there is ranked by ``torch.topk`` itself,
 on the same masked row, so the results (and metric sums) are identical to the old code's.
 """
@@ -217,14 +217,17 @@ def factored_masked_topk(
     tile: int | None = None,
     order: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
-    """:func:`reference_masked_topk` of the scores ``user_emb @ item_emb.T`` without holding them: the
-    product is taken ``tile`` items at a time (default: :data:`STREAM_TILE_BYTES` of scores, a core's L2
-    cache; at least :data:`MIN_TILE`) and each tile goes through the streaming kernel of ``dprec/kernels/topk.c`` while it is in the
-    cache. Rows with a tie among their k + 1 best, a NaN or too few unmasked scores are ranked by
-    :func:`reference_masked_topk` on their whole score rows. ``None`` where :func:`streaming_available`
-    is false. ``order`` (a permutation of the items): ``item_emb``'s row j is item ``order[j]`` (ranks,
-    masks and the result speak of items); items of large norm first raise each row's threshold early. The tiles' products are the whole product's, column by column, where the BLAS sums each
-    dot product in the same order whatever the number of columns (checked here: ``tests/test_metrics_speedpath.py``).
+    """:func:`reference_masked_topk` of the scores ``user_emb @ item_emb.T`` without holding them:
+    the product is taken ``tile`` items at a time (default: :data:`STREAM_TILE_BYTES` of scores, a
+    core's L2 cache; at least :data:`MIN_TILE`) and each tile goes through the streaming kernel of
+    ``dprec/kernels/topk.c`` while it is in the cache. Rows with a tie among their k + 1 best, a NaN
+    or too few unmasked scores are ranked by :func:`reference_masked_topk` on their whole score rows.
+    ``None`` where :func:`streaming_available` is false.
+
+    ``order`` (a permutation of the items): ``item_emb``'s row j is item ``order[j]`` (masks and the
+    result speak of items); items of large norm first raise each row's threshold early. The tiles'
+    products are the whole product's, column by column, where the BLAS sums each dot product in the
+    same order whatever the number of columns (checked: ``tests/test_metrics_speedpath.py``).
     """
     if not streaming_available(user_emb, item_emb, k) or len(user_emb) == 0:
         return None
