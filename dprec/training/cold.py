@@ -221,16 +221,7 @@ class ColdStartTrainer(Trainer):
     def trained_model(self) -> TrainedModel:
         """The whole catalogue for serving: the held-out items embedded from content, in the dataset's indices."""
         users, items = self.catalogue_embeddings()
-        return TrainedModel(
-            user_embeddings=users.contiguous(),
-            item_embeddings=items.contiguous(),
-            train_sets=self.full_train,
-            user_ids=self.full.users["user_id"].astype(str).tolist(),
-            item_ids=self.full.items["item_id"].astype(str).tolist(),
-            dataset_name=self.full.name,
-            dataset_hash=self.full.meta.get("content_hash", ""),
-            model_section=self.cfg.as_dict()["model"],
-        )
+        return self.serving_form(users, items, self.full, self.full_train)
 
 
 def make_trainer(

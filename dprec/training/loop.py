@@ -357,13 +357,19 @@ class Trainer:
         self.model.eval()
         with torch.no_grad():
             user, item = self.model.final_embeddings()
+        return self.serving_form(user, item, self.ds, self.train_sets)
+
+    def serving_form(
+        self, user: torch.Tensor, item: torch.Tensor, ds: Dataset, train_sets: UserItemSets
+    ) -> TrainedModel:
+        """:class:`TrainedModel` of these embeddings over ``ds``'s users and items (float32, CPU)."""
         return TrainedModel(
             user_embeddings=user.detach().float().cpu().contiguous(),
             item_embeddings=item.detach().float().cpu().contiguous(),
-            train_sets=self.train_sets,
-            user_ids=self.ds.users["user_id"].astype(str).tolist(),
-            item_ids=self.ds.items["item_id"].astype(str).tolist(),
-            dataset_name=self.ds.name,
-            dataset_hash=self.ds.meta.get("content_hash", ""),
+            train_sets=train_sets,
+            user_ids=ds.users["user_id"].astype(str).tolist(),
+            item_ids=ds.items["item_id"].astype(str).tolist(),
+            dataset_name=ds.name,
+            dataset_hash=ds.meta.get("content_hash", ""),
             model_section=self.cfg.as_dict()["model"],
         )
