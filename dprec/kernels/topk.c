@@ -114,14 +114,31 @@ static int is_masked(const int64_t *cols, int64_t count, int64_t j) {
     return lo < count && cols[lo] == j;
 }
 
-int64_t dprec_masked_topk_f32(const float *scores, int64_t b, int64_t n, const int64_t *mrows, const int64_t *mcols,
-                              int64_t m, int64_t k, int64_t *out, uint8_t *ok) {
-    int64_t kk = k + 1;
-    if (k < 1 || kk > n) return -3;
+/* 0 if the masked pairs are in range and sorted by row, then column; -2 if one is out of range, else -1. */
+static int64_t check_pairs(const int64_t *mrows, const int64_t *mcols, int64_t m, int64_t b, int64_t n) {
     for (int64_t t = 0; t < m; t++) {
         if (mrows[t] < 0 || mrows[t] >= b || mcols[t] < 0 || mcols[t] >= n) return -2;
         if (t && (mrows[t] < mrows[t - 1] || (mrows[t] == mrows[t - 1] && mcols[t] < mcols[t - 1]))) return -1;
     }
+    return 0;
+}
+
+/* v[0 .. kk) in descending order: write the first kk - 1 columns to out and return 1 where the values are strictly
+ * decreasing and the last is above -inf (the top kk - 1 is then unique), else return 0. */
+static int emit_if_unique(const float *v, const int64_t *ix, int64_t kk, int64_t *out) {
+    if (!(v[kk - 1] > -INFINITY)) return 0;
+    for (int64_t t = 0; t + 1 < kk; t++)
+        if (!(v[t] > v[t + 1])) return 0;
+    for (int64_t t = 0; t + 1 < kk; t++) out[t] = ix[t];
+    return 1;
+}
+
+int64_t dprec_masked_topk_f32(const float *scores, int64_t b, int64_t n, const int64_t *mrows, const int64_t *mcols,
+                              int64_t m, int64_t k, int64_t *out, uint8_t *ok) {
+    int64_t kk = k + 1;
+    if (k < 1 || kk > n) return -3;
+    int64_t pairs = check_pairs(mrows, mcols, m, b, n);
+    if (pairs) return pairs;
     int64_t w = 64;
     while (w > 8 && n / w < 4 * kk) w /= 2;
     int64_t full = n / w, chunks = full + (n % w != 0);
@@ -217,11 +234,7 @@ int64_t dprec_masked_topk_f32(const float *scores, int64_t b, int64_t n, const i
             hi[s] = x;
             sift_down(hv, hi, s, 0);
         }
-        int strict = hv[kk - 1] > -INFINITY;
-        for (int64_t t = 0; t + 1 < kk && strict; t++) strict = hv[t] > hv[t + 1];
-        if (!strict) continue;
-        for (int64_t t = 0; t < k; t++) out[r * k + t] = hi[t];
-        ok[r] = 1;
+        ok[r] = (uint8_t)emit_if_unique(hv, hi, kk, out + r * k);
     }
     free(hv);
     free(hi);
@@ -256,10 +269,8 @@ int64_t dprec_topk_feed_f32(const float *tile, int64_t b, int64_t t, int64_t col
                             float *thr, uint8_t *bad) {
     int64_t kk = k + 1, cap = CAPACITY * kk;
     if (k < 1 || kk > n || col0 < 0 || col0 + t > n) return -3;
-    for (int64_t q = 0; q < m; q++) {
-        if (mrows[q] < 0 || mrows[q] >= b || mcols[q] < 0 || mcols[q] >= n) return -2;
-        if (q && (mrows[q] < mrows[q - 1] || (mrows[q] == mrows[q - 1] && mcols[q] < mcols[q - 1]))) return -1;
-    }
+    int64_t pairs = check_pairs(mrows, mcols, m, b, n);
+    if (pairs) return pairs;
     int64_t p = 0;
     for (int64_t r = 0; r < b; r++) {
         const float *row = tile + r * t;
@@ -289,8 +300,7 @@ int64_t dprec_topk_feed_f32(const float *tile, int64_t b, int64_t t, int64_t col
                 if (++c == cap) { /* keep the k + 1 best; the threshold rises to the smallest of them */
                     select_largest(v, ix, c, kk);
                     c = kk;
-                    th = v[0];
-                    for (int64_t q = 1; q < kk; q++) th = v[q] < th ? v[q] : th;
+                    th = v[kk - 1];
                     th4 = (v4f){th, th, th, th};
                 }
             }
@@ -324,11 +334,7 @@ int64_t dprec_topk_finish(int64_t b, int64_t k, float *cv, int64_t *ci, const in
             v[j] = x;
             ix[j] = y;
         }
-        int strict = v[kk - 1] > -INFINITY;
-        for (int64_t i = 0; i + 1 < kk && strict; i++) strict = v[i] > v[i + 1];
-        if (!strict) continue;
-        for (int64_t i = 0; i < k; i++) out[r * k + i] = ix[i];
-        ok[r] = 1;
+        ok[r] = (uint8_t)emit_if_unique(v, ix, kk, out + r * k);
     }
     return 0;
 }

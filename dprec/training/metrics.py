@@ -38,9 +38,11 @@ on the same masked row, so the results (and metric sums) are identical to the ol
 from __future__ import annotations
 
 import ctypes
+import functools
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -128,26 +130,58 @@ def masked_topk(scores: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, k:
     return grouped_masked_topk(scores, rows, cols, k) if top is None else top
 
 
-def _topk_kernel():
+def _kernel() -> SimpleNamespace | None:
+    """The functions of ``dprec/kernels/topk.c``, typed, or ``None`` where it is not built."""
     lib = kernels.load("topk")
-    if lib is None:
-        return None
-    fn = lib.dprec_masked_topk_f32  # the same object on every call (ctypes keeps it)
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
-    fn.argtypes += [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
-    fn.restype = ctypes.c_int64
-    return fn
+    return None if lib is None else _typed(lib)
+
+
+@functools.cache
+def _typed(lib: ctypes.CDLL) -> SimpleNamespace:
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    signatures = {
+        "dprec_masked_topk_f32": [ptr, i64, i64, ptr, ptr, i64, i64, ptr, ptr],
+        "dprec_topk_feed_f32": [ptr, i64, i64, i64, i64, ptr, ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, ptr],
+        "dprec_topk_finish": [i64, i64, ptr, ptr, ptr, ptr, ptr, ptr],
+        "dprec_topk_capacity": [i64],
+    }
+    for name, argtypes in signatures.items():
+        getattr(lib, name).argtypes, getattr(lib, name).restype = argtypes, i64
+    return SimpleNamespace(
+        masked=lib.dprec_masked_topk_f32,
+        feed=lib.dprec_topk_feed_f32,
+        finish=lib.dprec_topk_finish,
+        capacity=lib.dprec_topk_capacity,
+    )
+
+
+def _pairs_by_row(r: torch.Tensor, c: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (row, column) pairs sorted by row, then column, as the kernels take them."""
+    by_row = torch.argsort(r * n + c)
+    return r[by_row].contiguous(), c[by_row].contiguous()
+
+
+def _rank_by_reference(
+    top: torch.Tensor, failed: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, k: int, scores_of
+) -> None:
+    """Fill ``top``'s ``failed`` rows with :func:`reference_masked_topk` of ``scores_of(failed)`` (their whole
+    score rows), the masked pairs of those rows renumbered."""
+    if len(failed):
+        local = torch.full((len(top),), -1, dtype=torch.int64)
+        local[failed] = torch.arange(len(failed))
+        keep = local[rows] >= 0
+        top[failed] = reference_masked_topk(scores_of(failed), local[rows[keep]], cols[keep], k)
 
 
 def native_masked_topk(scores: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, k: int) -> torch.Tensor | None:
-    """:func:`reference_masked_topk` by the C kernel ``dprec/kernels/topk.c`` (one pass over each row against
-    the smallest of its k + 1 best so far), or ``None`` where the kernel is not built (``dprec.kernels``) or
+    """:func:`reference_masked_topk` by the C kernel ``dprec/kernels/topk.c`` (chunk maxima bound each row's
+    (k+1)-th best, then a heap takes the few scores above), or ``None`` where the kernel is not built (``dprec.kernels``) or
     does not apply (not float32 scores, k + 1 > items). Rows with a tie among their k + 1 best, a NaN or too
     few unmasked scores are ranked by :func:`reference_masked_topk` itself, as in :func:`grouped_masked_topk`."""
     b, n = scores.shape
     if scores.dtype != torch.float32 or b == 0 or not 1 <= k < n:
         return None
-    kernel = _topk_kernel()
+    kernel = _kernel()
     if kernel is None:
         return None
     s = scores.contiguous()
@@ -155,35 +189,20 @@ def native_masked_topk(scores: torch.Tensor, rows: torch.Tensor, cols: torch.Ten
     c = cols.to(torch.int64).contiguous()
     top = torch.empty((b, k), dtype=torch.int64)
     ok = torch.empty(b, dtype=torch.uint8)
-    status = kernel(s.data_ptr(), b, n, r.data_ptr(), c.data_ptr(), len(r), k, top.data_ptr(), ok.data_ptr())
+
+    def run() -> int:
+        return kernel.masked(s.data_ptr(), b, n, r.data_ptr(), c.data_ptr(), len(r), k, top.data_ptr(), ok.data_ptr())
+
+    status = run()
     if status == -1:  # pairs not sorted by row, then column
-        order = torch.argsort(r * n + c)
-        r, c = r[order].contiguous(), c[order].contiguous()
-        status = kernel(s.data_ptr(), b, n, r.data_ptr(), c.data_ptr(), len(r), k, top.data_ptr(), ok.data_ptr())
+        r, c = _pairs_by_row(r, c, n)
+        status = run()
     if status == -2:  # a pair out of range: the reference raises the error indexing would raise
         return reference_masked_topk(scores, rows, cols, k)
     if status != 0:
         raise RuntimeError(f"masked top-k kernel failed with status {status}")
-    bad = (ok == 0).nonzero().squeeze(1)
-    if len(bad):
-        local = torch.full((b,), -1, dtype=torch.int64)
-        local[bad] = torch.arange(len(bad))
-        keep = local[r] >= 0
-        top[bad] = reference_masked_topk(s[bad], local[r[keep]], c[keep], k)
+    _rank_by_reference(top, (ok == 0).nonzero().squeeze(1), r, c, k, lambda failed: s[failed])
     return top
-
-
-def _stream_kernels():
-    lib = kernels.load("topk")
-    if lib is None:
-        return None
-    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-    feed, finish, capacity = lib.dprec_topk_feed_f32, lib.dprec_topk_finish, lib.dprec_topk_capacity
-    feed.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, ptr]
-    finish.argtypes = [i64, i64, ptr, ptr, ptr, ptr, ptr, ptr]
-    capacity.argtypes = [i64]
-    feed.restype = finish.restype = capacity.restype = i64
-    return feed, finish, capacity
 
 
 def streaming_available(user_emb: torch.Tensor, item_emb: torch.Tensor, k: int) -> bool:
@@ -194,7 +213,7 @@ def streaming_available(user_emb: torch.Tensor, item_emb: torch.Tensor, k: int) 
         and user_emb.dim() == item_emb.dim() == 2
         and user_emb.shape[1] == item_emb.shape[1]
         and 1 <= k < item_emb.shape[0]
-        and _stream_kernels() is not None
+        and _kernel() is not None
     )
 
 
@@ -231,12 +250,13 @@ def factored_masked_topk(
     """
     if not streaming_available(user_emb, item_emb, k) or len(user_emb) == 0:
         return None
-    feed, finish, capacity = _stream_kernels()
+    kernel = _kernel()
     b, n = user_emb.shape[0], item_emb.shape[0]
     u, items = user_emb.contiguous(), item_emb.contiguous()
     r, c = rows.to(torch.int64).contiguous(), cols.to(torch.int64).contiguous()
-    values = torch.empty((b, capacity(k)), dtype=torch.float32)
-    columns = torch.empty((b, capacity(k)), dtype=torch.int64)
+    capacity = kernel.capacity(k)
+    values = torch.empty((b, capacity), dtype=torch.float32)
+    columns = torch.empty((b, capacity), dtype=torch.int64)
     count = torch.zeros(b, dtype=torch.int64)
     threshold = torch.full((b,), -torch.inf, dtype=torch.float32)
     bad = torch.zeros(b, dtype=torch.uint8)
@@ -247,33 +267,30 @@ def factored_masked_topk(
             raise ValueError(f"order has shape {tuple(order.shape)}, expected ({n},)")
     column_of = order.data_ptr() if order is not None else None
     bounds = tile_bounds(n, tile or STREAM_TILE_BYTES // (4 * b))
-    width = bounds[1] - bounds[0]
-    buffer = torch.empty((b, min(width, n)), dtype=torch.float32)
+    buffer = torch.empty((b, bounds[1] - bounds[0]), dtype=torch.float32)
+
+    def feed(out: torch.Tensor, start: int) -> int:  # the pairs as they are now (sorted below if need be)
+        return kernel.feed(
+            out.data_ptr(), b, out.shape[1], start, n, column_of, r.data_ptr(), c.data_ptr(), len(r), k, *state
+        )
+
     for start, end in zip(bounds[:-1], bounds[1:], strict=True):
         part = items[start:end]
         out = buffer if len(part) == buffer.shape[1] else torch.empty((b, len(part)), dtype=torch.float32)
         torch.mm(u, part.T, out=out)
-        status = feed(out.data_ptr(), b, len(part), start, n, column_of, r.data_ptr(), c.data_ptr(), len(r), k, *state)
+        status = feed(out, start)
         if status == -1:  # pairs not sorted by row, then column: checked before any row, so the state is untouched
-            by_row = torch.argsort(r * n + c)
-            r, c = r[by_row].contiguous(), c[by_row].contiguous()
-            status = feed(
-                out.data_ptr(), b, len(part), start, n, column_of, r.data_ptr(), c.data_ptr(), len(r), k, *state
-            )
+            r, c = _pairs_by_row(r, c, n)
+            status = feed(out, start)
         if status == -2:  # a pair out of range: the reference raises the error indexing would raise
             return reference_masked_topk(_item_order_scores(u, items, order), rows, cols, k)
         if status != 0:
             raise RuntimeError(f"streaming top-k kernel failed with status {status}")
     top = torch.empty((b, k), dtype=torch.int64)
     ok = torch.empty(b, dtype=torch.uint8)
-    finish(b, k, values.data_ptr(), columns.data_ptr(), count.data_ptr(), bad.data_ptr(), top.data_ptr(), ok.data_ptr())
+    kernel.finish(b, k, state[0], state[1], state[2], state[4], top.data_ptr(), ok.data_ptr())
     failed = (ok == 0).nonzero().squeeze(1)
-    if len(failed):
-        local = torch.full((b,), -1, dtype=torch.int64)
-        local[failed] = torch.arange(len(failed))
-        keep = local[r] >= 0
-        scores = _item_order_scores(u.index_select(0, failed), items, order)
-        top[failed] = reference_masked_topk(scores, local[r[keep]], c[keep], k)
+    _rank_by_reference(top, failed, r, c, k, lambda rows_: _item_order_scores(u.index_select(0, rows_), items, order))
     return top
 
 
@@ -360,12 +377,7 @@ def grouped_masked_topk(
         top = (index.index_select(0, flat.index_select(0, pos)) - r.index_select(0, pos) * n).view(b, kk)[:, :k]
     else:
         ok[:] = False
-    bad = (~ok).nonzero().squeeze(1)
-    if len(bad):
-        local = torch.full((b,), -1, dtype=torch.int64)
-        local[bad] = torch.arange(len(bad))
-        keep = local[rows] >= 0
-        top[bad] = reference_masked_topk(s.view(b, n)[bad], local[rows[keep]], cols[keep], k)
+    _rank_by_reference(top, (~ok).nonzero().squeeze(1), rows, cols, k, lambda bad: s.view(b, n)[bad])
     return top
 
 
