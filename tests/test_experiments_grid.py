@@ -222,3 +222,24 @@ def test_the_cold_start_verdict_needs_a_margin_above_the_larger_std():
     line = module.margin_line(summary, "dprec", "content_knn")
     assert line.startswith("dprec does not beat content_knn") and "+0.0030 (std 0.0040)" in line
     assert "| content_knn | 0.1100 ± 0.0000" in module.table("sci", summary, "dprec", "content_knn")
+
+
+@pytest.mark.parametrize("grid_path", sorted(SCRIPT.parent.joinpath("grids").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_committed_grid_resolves_to_valid_run_configs(experiments, grid_path):
+    """Each model of each grid, at each search point, is a RunConfig the trainer accepts (a misspelt switch or an
+    out-of-range value fails here, not hours into a grid)."""
+    from dprec.config import from_dict, load_yaml
+    from dprec.training.config import RunConfig
+
+    grid = load_yaml(grid_path)
+    checked = 0
+    for spec in grid["models"].values():
+        model = {k: v for k, v in spec.items() if k not in ("search", "train", "cold", "modalities_from")}
+        train = {**grid.get("train", {}), **spec.get("train", {})}
+        for point in experiments.search_points(spec.get("search", {})):
+            m, t, c = experiments.split_point(model, train, point, {**(grid.get("cold") or {}), **spec.get("cold", {})})
+            sections = {"dataset": "unused", "model": m, "train": t, **({"cold": c} if c else {})}
+            cfg = from_dict(RunConfig, sections, grid_path.name)
+            assert cfg.model_config() is not None
+            checked += 1
+    assert checked >= len(grid["models"]) > 0
