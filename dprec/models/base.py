@@ -51,6 +51,11 @@ class Recommender(nn.Module, ABC):
     ) -> tuple[torch.Tensor, dict[str, float]]:
         raise TypeError(f"{type(self).__name__} has no training loss (trainable = False)")
 
+    def negatives_per_positive(self) -> int:
+        """How many sampled negatives the trainer draws for each positive: 1 gives ``calculate_loss`` a vector of
+        negatives, more a (batch x this) matrix of candidates (all among the items the user has not trained on)."""
+        return 1
+
     def start_epoch(self, epoch: int, seed: int) -> None:
         """Called by the trainer before each training epoch; a model that resamples a structure per epoch
         (FREEDOM's pruned graph) does it here, from (seed, epoch) alone."""

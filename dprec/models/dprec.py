@@ -159,6 +159,11 @@ class DPRecConfig:
     embeddings are unit rows)."""
     softmax_tau: float = 0.1
     """Temperature of the sampled softmax (``rec_loss`` "softmax")."""
+    negative_candidates: int = 1
+    """Dynamic negative sampling (Zhang et al., "Optimizing Top-N Collaborative Filtering via Dynamic Negative Item
+    Sampling", SIGIR 2013): each positive draws this many uniform negatives among the items its user has not trained
+    on, and the ranking loss takes the one the model scores highest now (the choice is not differentiated); with
+    ``rec_loss`` "softmax" every candidate is a negative. 1 = one uniform negative (off)."""
     fusion: Fusion = "attention"
     """How perspectives and modalities are combined (part 4): "attention" gates or a plain "sum"."""
     modalities: list[str] | None = None
@@ -204,6 +209,8 @@ class DPRecConfig:
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.negative_candidates < 1:
+            raise ValueError(f"negative_candidates must be >= 1, got {self.negative_candidates}")
         for name in ("hyperedge_tau", "align_tau", "softmax_tau"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -408,6 +415,9 @@ class DPRec(Recommender):
             for r in nodes
         )
 
+    def negatives_per_positive(self) -> int:
+        return self.cfg.negative_candidates
+
     def start_epoch(self, epoch: int, seed: int) -> None:
         """Draw this epoch's pruned user-item graph for H_id (ui_dropout > 0; otherwise nothing to do)."""
         if self.pruning is not None:
@@ -521,12 +531,19 @@ class DPRec(Recommender):
         The per-node parts run for the batch's nodes only (``forward(rows)``).
         """
         users_at, pos_at, neg_at = users, self.n_users + pos, self.n_users + neg
-        emb = self(torch.unique(torch.cat([users_at, pos_at, neg_at])))
-        u, p, n = (take_rows(emb.e, emb.position(nodes)) for nodes in (users_at, pos_at, neg_at))
+        emb = self(torch.unique(torch.cat([users_at, pos_at, neg_at.reshape(-1)])))
+        u, p = (take_rows(emb.e, emb.position(nodes)) for nodes in (users_at, pos_at))
         if self.cfg.rec_loss == "softmax":
             negatives = take_rows(emb.e, emb.position(torch.unique(neg_at)))
             rank = sampled_softmax_loss(u, p, negatives, self.cfg.softmax_tau)
         else:
+            if neg.dim() == 2:  # dynamic negative sampling: each pair's hardest candidate under the current model
+                with torch.no_grad():
+                    candidates = take_rows(emb.e, emb.position(neg_at.reshape(-1))).reshape(*neg.shape, -1)
+                    hardest = torch.einsum("bd,bmd->bm", u, candidates).argmax(1)
+                neg = neg.gather(1, hardest[:, None]).squeeze(1)
+                neg_at = self.n_users + neg
+            n = take_rows(emb.e, emb.position(neg_at))
             rank = bpr_loss((u * p).sum(1), (u * n).sum(1))
         align = self.alignment_losses(emb, users, pos)
         ids = take_rows(self.user_emb, users), take_rows(self.item_emb, pos), take_rows(self.item_emb, neg)

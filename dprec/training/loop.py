@@ -230,7 +230,11 @@ class Trainer:
         rng = np.random.default_rng((self.cfg.train.seed, epoch))
         perm = rng.permutation(len(self.train_users))
         users, pos = self.train_users[perm], self.train_items[perm]
-        neg = self.sampler.sample(users, rng)
+        per_positive = self.model.negatives_per_positive()
+        if per_positive == 1:
+            neg = self.sampler.sample(users, rng)
+        else:  # candidates for a model that picks among them (rows: the pairs; the same draws on every rank)
+            neg = self.sampler.sample(np.repeat(users, per_positive), rng).reshape(len(users), per_positive)
         bs = self.cfg.train.batch_size
         for start in range(0, len(perm), bs):
             sl = slice(start, start + bs)

@@ -429,3 +429,45 @@ def lightgcn_mean_without_ego(model: DPRec) -> torch.Tensor:
         x = model.ui_graph.propagate(x)
         layers.append(x)
     return torch.stack(layers).mean(0)
+
+
+def test_dynamic_negatives_train_against_the_hardest_candidate() -> None:
+    """negative_candidates N: the trainer gives N candidates per pair, the BPR part takes the one scored highest."""
+    model = make_model(negative_candidates=4)
+    assert model.negatives_per_positive() == 4 and make_model().negatives_per_positive() == 1
+    users, pos, _ = batch()
+    cands = torch.randint(0, N_ITEMS, (len(users), 4), generator=torch.Generator().manual_seed(7))
+    torch.manual_seed(5)
+    _, parts = model.calculate_loss(users, pos, cands)
+    torch.manual_seed(5)  # the same Gumbel noise and dropout: the same embeddings
+    with torch.no_grad():
+        emb = model(None)
+    u, p = emb.e[users], emb.e[model.n_users + pos]
+    scores = torch.einsum("bd,bmd->bm", u, emb.e[model.n_users + cands])
+    hardest = cands[torch.arange(len(users)), scores.argmax(1)]
+    n = emb.e[model.n_users + hardest]
+    expected = torch.nn.functional.softplus((u * n).sum(1) - (u * p).sum(1)).mean()
+    assert parts["bpr"] == pytest.approx(float(expected), rel=1e-5)
+    # the hardest candidate's loss is above any fixed candidate's: the choice is not the first column
+    first = torch.nn.functional.softplus((u * emb.e[model.n_users + cands[:, 0]]).sum(1) - (u * p).sum(1)).mean()
+    assert parts["bpr"] > float(first) + 1e-4
+    with pytest.raises(ValueError, match="negative_candidates must be >= 1"):
+        DPRecConfig(negative_candidates=0)
+
+
+def test_the_trainer_draws_candidates_outside_each_users_training_items(synthetic) -> None:
+    from dprec.training.config import TrainConfig
+    from dprec.training.loop import Trainer
+
+    ds, features = synthetic
+    train = TrainConfig(epochs=1, batch_size=256, seed=3, graph_backend="torch")
+    model = {"name": "dprec", "negative_candidates": 5, "embedding_dim": 8, "projection_hidden": 16}
+    trainer = Trainer(RunConfig(dataset="synthetic", model=model, train=train), ds, features=features)
+    batches = list(trainer.epoch_batches(0))
+    users = torch.cat([b[0] for b in batches]).numpy()
+    negs = torch.cat([b[2] for b in batches]).numpy()
+    assert negs.shape == (len(trainer.train_users), 5)
+    assert not trainer.train_sets.contains(np.repeat(users, 5), negs.reshape(-1)).any()
+    assert len(np.unique(negs)) > 0.5 * ds.n_items  # uniform draws, not one repeated item
+    plain = Trainer(RunConfig(dataset="synthetic", model={**model, "negative_candidates": 1}, train=train), ds)
+    assert next(iter(plain.epoch_batches(0)))[2].dim() == 1  # one candidate: the vector every model takes
